@@ -1,0 +1,30 @@
+// moelab — the command line of the MoE reference implementation.
+//
+//   moelab numerics [--logits L --dtype D] [--value X] [--json]
+//
+// Exit codes: 0 success, 2 bad input (one line on stderr naming the problem).
+#include <fmt/format.h>
+
+#include <cstdio>
+
+#include "reference/error.h"
+#include "tools/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"moelab: an instrumented reference implementation of Mixture-of-Experts layers", "moelab"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moelab 0.1.0");
+  moelab::tools::add_numerics_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    fmt::print(stderr, "moelab: error: {} (see moelab --help)\n", e.what());
+    return 2;
+  } catch (const moelab::Error& e) {
+    const std::vector<CLI::App*> used = app.get_subcommands();
+    fmt::print(stderr, "moelab{}: error: {}\n", used.empty() ? "" : " " + used[0]->get_name(), e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of moelab on this machine, setting up first:
+#   1. the default build (CUDA kernels compiled where nvcc exists; GPU tests skip without a GPU),
+#   2. the same CPU suites built with AddressSanitizer + UndefinedBehaviorSanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/setup.sh default
+ctest --preset default
+tools/setup.sh asan
+ctest --preset asan
