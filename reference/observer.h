@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <type_traits>
 
 namespace moelab {
 
@@ -26,6 +27,9 @@ namespace events {
 inline constexpr std::string_view router_logits = "router_logits";  // (T, E) logits + statistics
 inline constexpr std::string_view scores = "scores";                // (T, E) softmax / sigmoid
 inline constexpr std::string_view topk_ids = "topk_ids";            // (T, k) chosen experts
+// (E, C) the tokens each expert chose (expert choice), best first; stats unrouted_tokens (tokens
+// no expert took: Zhou et al. 2022), max_experts_per_token.
+inline constexpr std::string_view expert_choice_ids = "expert_choice_ids";
 inline constexpr std::string_view gates = "gates";                  // (T, k) gate weights
 inline constexpr std::string_view expert_load = "expert_load";      // (E, 1) tokens per expert
 inline constexpr std::string_view dropped = "dropped";              // (E, 1) dropped per expert
@@ -59,6 +63,17 @@ class Observer {
   virtual ~Observer() = default;
   virtual void on_event(const Event& event) = 0;
 };
+
+// Points event.f32 or event.f64 (whichever matches Scalar) at n row-major values.
+template <typename Scalar>
+void set_values(Event& event, const Scalar* data, std::size_t n) {
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>);
+  if constexpr (std::is_same_v<Scalar, float>) {
+    event.f32 = std::span<const float>(data, n);
+  } else {
+    event.f64 = std::span<const double>(data, n);
+  }
+}
 
 // Runs `deliver(*observer)` only when someone is listening.
 template <typename Deliver>
