@@ -13,5 +13,7 @@
 namespace moelab::tools {
 
 void add_numerics_command(CLI::App& app);
+void add_presets_command(CLI::App& app);
+void add_route_command(CLI::App& app);
 
 }  // namespace moelab::tools

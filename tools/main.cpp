@@ -1,6 +1,8 @@
 // moelab — the command line of the MoE reference implementation.
 //
 //   moelab numerics [--logits L --dtype D] [--value X] [--json]
+//   moelab presets [--json]
+//   moelab route --preset NAME [--tokens T] [--seed S] [--dtype fp32|bf16] [--json]
 //
 // Exit codes: 0 success, 2 bad input (one line on stderr naming the problem).
 #include <fmt/format.h>
@@ -15,6 +17,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "moelab 0.1.0");
   moelab::tools::add_numerics_command(app);
+  moelab::tools::add_presets_command(app);
+  moelab::tools::add_route_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

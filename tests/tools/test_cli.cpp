@@ -73,6 +73,36 @@ TEST(Cli, NumericsValueShowsTheFields) {
   EXPECT_EQ(v["spacing"], 1.0);
 }
 
+TEST(Cli, PresetsListsEveryPresetWithItsConvention) {
+  const nlohmann::json doc = moelab_json("presets");
+  ASSERT_EQ(doc["presets"].size(), 13u);
+  const nlohmann::json& v3 = doc["presets"][7];
+  EXPECT_EQ(v3["name"], "deepseek_v3");
+  EXPECT_EQ(v3["full"]["num_experts"], 256);
+  EXPECT_EQ(v3["full"]["gating"]["routed_scaling_factor"], 2.5);
+  EXPECT_EQ(v3["tiny"]["num_experts"], 16);
+  EXPECT_NE(v3["source"].get<std::string>().find("DeepSeek-V3"), std::string::npos);
+  const CliResult text = moelab("presets");
+  EXPECT_NE(text.out.find("softmax_of_selected_logits"), std::string::npos) << text.out;
+}
+
+TEST(Cli, RouteIsDeterministicAndConsistent) {
+  const nlohmann::json a = moelab_json("route --preset mixtral --tokens 5 --seed 3");
+  const nlohmann::json b = moelab_json("route --preset mixtral --tokens 5 --seed 3");
+  EXPECT_EQ(a, b);  // the same seed, the same bits
+  ASSERT_EQ(a["ids"].size(), 5u);
+  ASSERT_EQ(a["ids"][0].size(), 2u);
+  std::int64_t pairs = 0;
+  for (const auto& load : a["load"]) pairs += load.get<std::int64_t>();
+  EXPECT_EQ(pairs, 10);
+  for (const auto& gates : a["gates"])  // Mixtral: softmax over the two selected logits
+    EXPECT_NEAR(gates[0].get<double>() + gates[1].get<double>(), 1.0, 1e-6);
+  EXPECT_NE(moelab_json("route --preset mixtral --tokens 5 --seed 4")["ids"], a["ids"]);
+  const nlohmann::json bf16 = moelab_json("route --preset deepseek_v3 --tokens 4 --dtype bf16");
+  EXPECT_EQ(bf16["config"]["router"]["dtype"], "bf16");
+  EXPECT_GT(bf16["aux_loss"].get<double>(), 0.0);
+}
+
 TEST(Cli, BadInputIsOneLineAndExitCode2) {
   const struct {
     const char* args;
@@ -85,6 +115,10 @@ TEST(Cli, BadInputIsOneLineAndExitCode2) {
       {"numerics --logits 1 --dtype int4", "--dtype = \"int4\""},
       {"numerics --bogus", "--bogus"},
       {"", "A subcommand is required"},
+      {"route --preset nope", "preset = \"nope\": is not a known preset"},
+      {"route", "--preset is required"},
+      {"route --preset mixtral --tokens 0", "--tokens = 0: must be in [1, 1000000]"},
+      {"route --preset mixtral --dtype fp8", "router"},
   };
   for (const auto& c : cases) {
     const CliResult r = moelab(c.args);

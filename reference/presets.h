@@ -1,0 +1,36 @@
+// moelab/reference/presets.h — published MoE routing conventions, by name.
+//
+// Each preset states its source (paper and model card) and the exact convention it follows: the
+// order of scoring and top-k, renormalisation and its epsilon, where the scaling goes, the mask of
+// group-limited routing, the balance loss and its coefficient. These small differences are exactly
+// what implementations get wrong, so each is written down and tested. A preset has the published
+// model's sizes (`full`) and a tiny configuration with the same conventions for tests and training.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string_view>
+#include <vector>
+
+#include "reference/routing.h"
+
+namespace moelab {
+
+struct Preset {
+  std::string_view name;        // "deepseek_v3"
+  std::string_view model;       // "DeepSeek-V3 (671B)"
+  std::string_view source;      // paper and model card
+  std::string_view convention;  // the routing convention, in words
+  RoutingConfig full;           // the published sizes
+  RoutingConfig tiny;           // same conventions, C = 16 and at most 16 experts
+};
+
+const std::vector<Preset>& presets();
+// Throws Error naming the preset and listing the known names.
+const Preset& find_preset(std::string_view name);
+
+// Every field of a routing configuration, named as in the structs (for `moelab presets --json`,
+// `moelab route --json` and the golden manifests).
+nlohmann::ordered_json to_json(const RoutingConfig& config);
+
+}  // namespace moelab
