@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -28,6 +29,20 @@ template <typename T>
 template <typename T>
 void require(bool ok, std::string_view field, const T& value, std::string_view rule) {
   if (!ok) fail(field, value, rule);
+}
+
+// "(rows, cols)" of a matrix, for messages.
+template <typename M>
+std::string shape_of(const M& m) {
+  return fmt::format("({}, {})", m.rows(), m.cols());
+}
+
+// Throws "<field> = (r, c): must be <what> = (rows, cols)<note>" unless m is (rows, cols).
+template <typename M>
+void require_shape(const M& m, std::ptrdiff_t rows, std::ptrdiff_t cols, std::string_view field, std::string_view what,
+                   std::string_view note = "") {
+  if (m.rows() != rows || m.cols() != cols)
+    fail(field, shape_of(m), fmt::format("must be {} = ({}, {}){}", what, rows, cols, note));
 }
 
 }  // namespace moelab

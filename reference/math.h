@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace moelab {
 
@@ -17,6 +18,14 @@ Scalar sigmoid(Scalar z) {
 template <typename Scalar>
 Scalar softplus(Scalar z) {
   return std::max(z, Scalar(0)) + std::log1p(std::exp(-std::abs(z)));
+}
+
+// A capacity quotient such as 1.1 * 100 / 10 is 11.000000000000002 in double, and its ceiling 12.
+// Three roundings (factor, product, quotient), each <= eps/2 relative, separate q from the decimal
+// result: a q within 4 eps (relative) of a whole number is that number. Used by every capacity.
+inline double snap_to_whole(double q) {
+  const double nearest = std::round(q);
+  return std::abs(q - nearest) <= 4 * std::numeric_limits<double>::epsilon() * q ? nearest : q;
 }
 
 // e^v with std::exp, for Eigen's unaryExpr: `(row.array() - m).unaryExpr(StdExp{})`. The reference

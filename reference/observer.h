@@ -31,8 +31,14 @@ inline constexpr std::string_view topk_ids = "topk_ids";            // (T, k) ch
 // no expert took: Zhou et al. 2022), max_experts_per_token.
 inline constexpr std::string_view expert_choice_ids = "expert_choice_ids";
 inline constexpr std::string_view gates = "gates";                  // (T, k) gate weights
-inline constexpr std::string_view expert_load = "expert_load";      // (E, 1) tokens per expert
+inline constexpr std::string_view expert_load = "expert_load";      // (E, 1) pairs per expert chosen
+inline constexpr std::string_view dispatched = "dispatched";        // (E, 1) rows per expert after capacity
 inline constexpr std::string_view dropped = "dropped";              // (E, 1) dropped per expert
+// One per expert_forward: statistics of the hidden activations h (n, H): rows, hidden_rms,
+// hidden_abs_max, zero_fraction (exact zeros of h: relu's activation sparsity), and for
+// swiglu_clamped gate_clamped / up_clamped (pre-activations strictly beyond the limits; 0 for the
+// other activations). RMS, max and zero fraction are NaN when n = 0.
+inline constexpr std::string_view expert_hidden = "expert_hidden";
 inline constexpr std::string_view losses = "losses";                // statistics: aux, z, ...
 inline constexpr std::string_view bias = "bias";                    // (E, 1) balancing bias
 inline constexpr std::string_view numerics = "numerics";            // overflow / NaN counts

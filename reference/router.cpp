@@ -16,20 +16,6 @@
 namespace moelab {
 namespace {
 
-template <typename M>
-std::string shape_of(const M& m) {
-  return fmt::format("({}, {})", m.rows(), m.cols());
-}
-
-// Throws "<field> = (r, c): must be <what> = (rows, cols)<note>" unless m is (rows, cols).
-template <typename M>
-void require_shape(const M& m, Index rows, Index cols, std::string_view field, std::string_view what,
-                   std::string_view note = "") {
-  if (m.rows() != rows || m.cols() != cols) {
-    fail(field, shape_of(m), fmt::format("must be {} = ({}, {}){}", what, rows, cols, note));
-  }
-}
-
 template <typename Scalar>
 void check_params(const RouterParamsT<Scalar>& params, const RouterConfig& config) {
   const Index C = config.hidden_size;

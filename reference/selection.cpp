@@ -3,6 +3,7 @@
 #include "reference/selection.h"
 
 #include "reference/error.h"
+#include "reference/math.h"
 #include "reference/random.h"
 
 #include <fmt/format.h>
@@ -103,8 +104,9 @@ void top_n(std::int32_t* out, const Scalar* values, Index size, Index n,
 
 // ---- events ------------------------------------------------------------------------------------
 
-// events::expert_load: (E, 1) tokens per expert, with max_over_mean and empty_experts.
-void deliver_load(Observer& o, const std::vector<std::int64_t>& load) {
+}  // namespace
+
+void report_load(Observer& o, std::string_view name, const std::vector<std::int64_t>& load) {
   const std::vector<double> values(load.begin(), load.end());
   const double total = std::accumulate(values.begin(), values.end(), 0.0);
   const double max = values.empty() ? 0.0 : *std::max_element(values.begin(), values.end());
@@ -113,11 +115,13 @@ void deliver_load(Observer& o, const std::vector<std::int64_t>& load) {
   const Stat stats[] = {
       {"max_over_mean", total > 0 ? max / mean : std::numeric_limits<double>::quiet_NaN()},
       {"empty_experts", static_cast<double>(empty)}};
-  o.on_event(Event{.name = events::expert_load,
+  o.on_event(Event{.name = name,
                    .shape = {static_cast<std::int64_t>(load.size()), 1},
                    .f64 = values,
                    .stats = stats});
 }
+
+namespace {
 
 // events::topk_ids (T, k), then events::expert_load (E, 1).
 void emit_token_choice(Observer* observer, const IndexMatrix& ids, Index num_experts) {
@@ -125,7 +129,7 @@ void emit_token_choice(Observer* observer, const IndexMatrix& ids, Index num_exp
     o.on_event(Event{.name = events::topk_ids,
                      .shape = {ids.rows(), ids.cols()},
                      .i32 = {ids.data(), static_cast<std::size_t>(ids.size())}});
-    deliver_load(o, expert_load(ids, static_cast<int>(num_experts)));
+    report_load(o, events::expert_load, expert_load(ids, static_cast<int>(num_experts)));
   });
 }
 
@@ -244,14 +248,8 @@ Index expert_choice_capacity(Index tokens, Index num_experts, double capacity_fa
   require(num_experts >= 1, "num_experts", num_experts, "must be at least 1");
   require(std::isfinite(capacity_factor) && capacity_factor > 0, "capacity_factor", capacity_factor,
           "must be finite and greater than 0");
-  // Three roundings (factor, product, quotient), each <= eps / 2 relative: 4 eps covers them.
-  const double quotient =
-      static_cast<double>(tokens) * capacity_factor / static_cast<double>(num_experts);
-  const double nearest = std::round(quotient);
-  const double capacity =
-      std::abs(quotient - nearest) <= 4 * std::numeric_limits<double>::epsilon() * quotient
-          ? nearest
-          : std::ceil(quotient);
+  const double capacity = std::ceil(
+      snap_to_whole(static_cast<double>(tokens) * capacity_factor / static_cast<double>(num_experts)));
   return capacity >= static_cast<double>(tokens) ? tokens : static_cast<Index>(capacity);
 }
 
@@ -290,7 +288,7 @@ void expert_choice_select(IndexMatrix& token_ids, const MatrixT<Scalar>& scores,
                      .shape = {E, capacity},
                      .i32 = {token_ids.data(), static_cast<std::size_t>(token_ids.size())},
                      .stats = stats});
-    deliver_load(o, std::vector<std::int64_t>(static_cast<std::size_t>(E), capacity));
+    report_load(o, events::expert_load, std::vector<std::int64_t>(static_cast<std::size_t>(E), capacity));
   });
 }
 

@@ -151,4 +151,8 @@ IndexMatrix make_hash_table(Index vocab_size, int num_experts, int k, std::uint6
 //   ids: (T, k) in, entries in [0, num_experts) (throws Error naming the element otherwise)
 std::vector<std::int64_t> expert_load(const IndexMatrix& ids, int num_experts);
 
+// Delivers an (E, 1) load event named `name` (events::expert_load, events::dispatched) with stats
+// max_over_mean (NaN for no tokens) and empty_experts.
+void report_load(Observer& o, std::string_view name, const std::vector<std::int64_t>& load);
+
 }  // namespace moelab
