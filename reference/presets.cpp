@@ -36,7 +36,8 @@ Preset switch_preset() {
           "Fedus, Zoph & Shazeer 2022, 'Switch Transformers', JMLR (eq. 4, sec. 2.4); google/switch-base-128",
           "softmax over all experts, top-1, gate = the top-1 probability (no renormalisation); "
           "multiplicative input jitter U(1-0.01, 1+0.01) while training; aux loss alpha = 0.01 per layer",
-          sized(c, 768, 128, 1), sized(c, kTinyHidden, 8, 1)};
+          sized(c, 768, 128, 1), sized(c, kTinyHidden, 8, 1),
+          {.activation = Activation::relu, .intermediate_size = 3072, .capacity = {.dropless = false, .capacity_factor = 1.25}}};
 }
 
 Preset gshard_preset() {
@@ -46,7 +47,8 @@ Preset gshard_preset() {
           "softmax over all experts, top-2, the two gates renormalised g_i / (g_1 + g_2); balance loss "
           "alpha = 0.01 in the Switch form (GShard's random dispatch of the second expert is a capacity "
           "policy of the layer, not of routing)",
-          sized(c, 1024, 2048, 2), sized(c, kTinyHidden, 8, 2)};
+          sized(c, 1024, 2048, 2), sized(c, kTinyHidden, 8, 2),
+          {.activation = Activation::relu, .intermediate_size = 8192, .capacity = {.dropless = false, .capacity_factor = 1.0}}};
 }
 
 Preset mixtral_preset() {
@@ -57,7 +59,8 @@ Preset mixtral_preset() {
   return {"mixtral", "Mixtral 8x7B", "Jiang et al. 2024, 'Mixtral of Experts' (eq. 1); mistralai/Mixtral-8x7B-v0.1",
           "top-2 of the logits, then softmax over the two selected logits (equal to softmax, top-k, "
           "renormalise); Hugging Face's aux loss, router_aux_loss_coef = 0.02",
-          sized(c, 4096, 8, 2), sized(c, kTinyHidden, 8, 2)};
+          sized(c, 4096, 8, 2), sized(c, kTinyHidden, 8, 2),
+          {.intermediate_size = 14336}};
 }
 
 Preset qwen2_moe_preset() {
@@ -65,7 +68,8 @@ Preset qwen2_moe_preset() {
   return {"qwen2_moe", "Qwen1.5-MoE-A2.7B", "Qwen team 2024, Qwen1.5-MoE; Qwen/Qwen1.5-MoE-A2.7B (model_type qwen2_moe)",
           "softmax over all experts, top-4, norm_topk_prob = false (gates do not sum to 1); a shared "
           "expert with a sigmoid gate beside the routed ones; Hugging Face's aux loss, coef 0.001",
-          sized(c, 2048, 60, 4), sized(c, kTinyHidden, 12, 4)};
+          sized(c, 2048, 60, 4), sized(c, kTinyHidden, 12, 4),
+          {.intermediate_size = 1408, .shared = {.count = 1, .intermediate_size = 5632, .gated = true}}};
 }
 
 Preset qwen3_moe_preset() {
@@ -73,7 +77,8 @@ Preset qwen3_moe_preset() {
   return {"qwen3_moe", "Qwen3-30B-A3B", "Qwen team 2025, 'Qwen3 Technical Report'; Qwen/Qwen3-30B-A3B",
           "softmax over all experts, top-8, norm_topk_prob = true (gates renormalised to sum to 1, no "
           "epsilon); Hugging Face's aux loss, coef 0.001",
-          sized(c, 2048, 128, 8), sized(c, kTinyHidden, 16, 4)};
+          sized(c, 2048, 128, 8), sized(c, kTinyHidden, 16, 4),
+          {.intermediate_size = 768}};
 }
 
 Preset olmoe_preset() {
@@ -82,7 +87,8 @@ Preset olmoe_preset() {
   return {"olmoe", "OLMoE-1B-7B", "Muennighoff et al. 2024, 'OLMoE'; allenai/OLMoE-1B-7B-0924",
           "softmax over all experts, top-8, no renormalisation; load balancing loss 0.01 and router "
           "z-loss 0.001",
-          sized(c, 2048, 64, 8), sized(c, kTinyHidden, 16, 4)};
+          sized(c, 2048, 64, 8), sized(c, kTinyHidden, 16, 4),
+          {.intermediate_size = 1024}};
 }
 
 Preset deepseek_v2_preset() {
@@ -102,7 +108,8 @@ Preset deepseek_v2_preset() {
           "softmax over all experts; device-limited top-6: the M = 3 devices (of 8) holding the "
           "highest-scoring experts first; gates = scores times routed_scaling_factor 16, no "
           "renormalisation; expert-, device- and communication-balance losses 0.003 / 0.05 / 0.02",
-          sized(c, 5120, 160, 6), tiny};
+          sized(c, 5120, 160, 6), tiny,
+          {.intermediate_size = 1536, .shared = {.count = 2, .intermediate_size = 1536}}};
 }
 
 Preset deepseek_v3_preset() {
@@ -126,7 +133,8 @@ Preset deepseek_v3_preset() {
           "sum of its top-2 biased scores, other groups masked with -inf); gates = the unbiased "
           "scores of the chosen, renormalised with +1e-20, times 2.5; bias updated by "
           "gamma = 0.001 * sign(mean load - load); sequence-wise balance loss alpha = 0.0001",
-          sized(c, 7168, 256, 8), tiny};
+          sized(c, 7168, 256, 8), tiny,
+          {.intermediate_size = 2048, .shared = {.count = 1, .intermediate_size = 2048}}};
 }
 
 Preset llama4_preset() {
@@ -137,7 +145,8 @@ Preset llama4_preset() {
           "Meta 2025, Llama 4 model card; meta-llama/Llama-4-Scout-17B-16E (Llama4TextMoe)",
           "top-1 of the logits; gate = sigmoid of the selected logit, not renormalised; the gate "
           "scales the expert's input, not its output (a layer setting); a shared expert beside it",
-          sized(c, 5120, 16, 1), sized(c, kTinyHidden, 8, 1)};
+          sized(c, 5120, 16, 1), sized(c, kTinyHidden, 8, 1),
+          {.intermediate_size = 8192, .shared = {.count = 1, .intermediate_size = 8192}, .gate_placement = GatePlacement::input}};
 }
 
 Preset gpt_oss_preset() {
@@ -146,7 +155,8 @@ Preset gpt_oss_preset() {
   c.gating = {.kind = GateKind::softmax_of_selected_logits};
   return {"gpt_oss", "gpt-oss-120b", "OpenAI 2025, 'gpt-oss-120b & gpt-oss-20b model card'; openai/gpt-oss-120b",
           "router with a bias (logits = x W^T + b); top-4 of the logits, softmax over the four",
-          sized(c, 2880, 128, 4), sized(c, kTinyHidden, 16, 4)};
+          sized(c, 2880, 128, 4), sized(c, kTinyHidden, 16, 4),
+          {.activation = Activation::swiglu_clamped, .intermediate_size = 2880, .expert_bias = true}};
 }
 
 Preset expert_choice_preset() {
@@ -157,7 +167,8 @@ Preset expert_choice_preset() {
           "Zhou et al. 2022, 'Mixture-of-Experts with Expert Choice Routing' (eq. 1, capacity factor 2)",
           "softmax over experts per token; each expert takes its top-C tokens, C = T * 2 / E; gate = "
           "the token's score for that expert; a token may get 0 or many experts",
-          sized(c, 4096, 64, 2), sized(c, kTinyHidden, 8, 2)};
+          sized(c, 4096, 64, 2), sized(c, kTinyHidden, 8, 2),
+          {.activation = Activation::gelu, .intermediate_size = 16384}};
 }
 
 Preset hash_preset() {
@@ -169,7 +180,8 @@ Preset hash_preset() {
           "Roller et al. 2021, 'Hash Layers For Large Sparse Models' (random hash of the token id)",
           "expert = hash(token id) mod E, fixed before training; k = 1, gate 1 (the expert's output "
           "is used as is); the router is not used for the choice",
-          sized(c, 1024, 64, 1), sized(c, kTinyHidden, 8, 1)};
+          sized(c, 1024, 64, 1), sized(c, kTinyHidden, 8, 1),
+          {.activation = Activation::relu, .intermediate_size = 4096}};
 }
 
 Preset gpu_mode_amd_preset() {
@@ -178,7 +190,8 @@ Preset gpu_mode_amd_preset() {
           "GPU MODE reference kernels, the AMD developer challenge 2025 MoE problem",
           "softmax over all experts, top-8, no renormalisation and no scaling (unlike DeepSeek-V3, "
           "whose sizes it uses)",
-          sized(c, 7168, 256, 8), sized(c, kTinyHidden, 16, 4)};
+          sized(c, 7168, 256, 8), sized(c, kTinyHidden, 16, 4),
+          {.intermediate_size = 2048, .shared = {.count = 1, .intermediate_size = 2048}}};
 }
 
 }  // namespace
@@ -190,6 +203,23 @@ const std::vector<Preset>& presets() {
       llama4_preset(),      gpt_oss_preset(),     expert_choice_preset(), hash_preset(),
       gpu_mode_amd_preset()};
   return all;
+}
+
+LayerConfig layer_config(const Preset& preset, PresetSize size) {
+  constexpr Index kTinyIntermediate = 32;
+  const bool tiny = size == PresetSize::tiny;
+  const PresetLayer& l = preset.layer;
+  LayerConfig c;
+  c.routing = tiny ? preset.tiny : preset.full;
+  c.expert = {.hidden_size = c.routing.router.hidden_size,
+              .intermediate_size = tiny ? kTinyIntermediate : l.intermediate_size,
+              .activation = l.activation,
+              .use_bias = l.expert_bias};
+  c.capacity = l.capacity;
+  c.shared = l.shared;
+  if (tiny && c.shared.count > 0) c.shared.intermediate_size = kTinyIntermediate;
+  c.gate_placement = l.gate_placement;
+  return c;
 }
 
 nlohmann::ordered_json to_json(const RoutingConfig& c) {

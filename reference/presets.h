@@ -12,9 +12,22 @@
 #include <string_view>
 #include <vector>
 
+#include "reference/layer.h"
 #include "reference/routing.h"
 
 namespace moelab {
+
+// What the layer adds to the routing, at the published size.
+struct PresetLayer {
+  Activation activation = Activation::swiglu;
+  Index intermediate_size = 0;       // each routed expert's H
+  bool expert_bias = false;          // gpt-oss
+  CapacityConfig capacity{};         // dropless unless the model drops tokens
+  SharedExpertsConfig shared{};
+  GatePlacement gate_placement = GatePlacement::output;
+};
+
+enum class PresetSize { full, tiny };
 
 struct Preset {
   std::string_view name;        // "deepseek_v3"
@@ -23,7 +36,11 @@ struct Preset {
   std::string_view convention;  // the routing convention, in words
   RoutingConfig full;           // the published sizes
   RoutingConfig tiny;           // same conventions, C = 16 and at most 16 experts
+  PresetLayer layer;            // experts, capacity, shared experts, gate placement (full size)
 };
+
+// The whole layer of a preset. The tiny one has expert and shared intermediate size 32.
+LayerConfig layer_config(const Preset& preset, PresetSize size);
 
 const std::vector<Preset>& presets();
 // Throws Error naming the preset and listing the known names.

@@ -14,6 +14,19 @@ std::string gate_summary(const GatingConfig& g) {
   return s;
 }
 
+nlohmann::ordered_json layer_json(const PresetLayer& l) {
+  return {{"activation", activation_name(l.activation)},
+          {"intermediate_size", l.intermediate_size},
+          {"expert_bias", l.expert_bias},
+          {"capacity", {{"dropless", l.capacity.dropless},
+                        {"capacity_factor", l.capacity.capacity_factor},
+                        {"policy", l.capacity.policy == DropPolicy::arrival_order ? "arrival_order" : "gate_priority"}}},
+          {"shared", {{"count", l.shared.count},
+                      {"intermediate_size", l.shared.intermediate_size},
+                      {"gated", l.shared.gated}}},
+          {"gate_placement", gate_placement_name(l.gate_placement)}};
+}
+
 void print_presets(bool as_json) {
   if (as_json) {
     nlohmann::ordered_json doc = {{"command", "presets"}, {"presets", nlohmann::ordered_json::array()}};
@@ -23,7 +36,8 @@ void print_presets(bool as_json) {
                                 {"source", p.source},
                                 {"convention", p.convention},
                                 {"full", to_json(p.full)},
-                                {"tiny", to_json(p.tiny)}});
+                                {"tiny", to_json(p.tiny)},
+                                {"layer", layer_json(p.layer)}});
     fmt::print("{}\n", doc.dump(2));
     return;
   }

@@ -15,5 +15,7 @@ namespace moelab::tools {
 void add_numerics_command(CLI::App& app);
 void add_presets_command(CLI::App& app);
 void add_route_command(CLI::App& app);
+void add_params_command(CLI::App& app);
+void add_layer_command(CLI::App& app);
 
 }  // namespace moelab::tools

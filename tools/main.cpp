@@ -3,6 +3,8 @@
 //   moelab numerics [--logits L --dtype D] [--value X] [--json]
 //   moelab presets [--json]
 //   moelab route --preset NAME [--tokens T] [--seed S] [--dtype fp32|bf16] [--json]
+//   moelab layer --preset NAME [--tokens T] [--seed S] [--capacity-factor F] [--json]
+//   moelab params --preset NAME [--context L] [--json]
 //
 // Exit codes: 0 success, 2 bad input (one line on stderr naming the problem).
 #include <fmt/format.h>
@@ -19,6 +21,8 @@ int main(int argc, char** argv) {
   moelab::tools::add_numerics_command(app);
   moelab::tools::add_presets_command(app);
   moelab::tools::add_route_command(app);
+  moelab::tools::add_params_command(app);
+  moelab::tools::add_layer_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
