@@ -129,3 +129,63 @@ TEST(Cli, BadInputIsOneLineAndExitCode2) {
 }
 
 }  // namespace
+
+TEST(Cli, ParamsCountsDeepSeekV3AndSaysWhyItDoesNotFitA24GBCard) {
+  const nlohmann::json doc = moelab_json("params --preset deepseek_v3");
+  EXPECT_EQ(doc["command"], "params");
+  EXPECT_EQ(doc["preset"], "deepseek_v3");
+  EXPECT_EQ(doc["total_params"].get<std::int64_t>(), 671'026'419'200);
+  EXPECT_EQ(doc["active_params"].get<std::int64_t>(), 36'625'618'432);
+  EXPECT_EQ(doc["per_unit"]["expert_params"].get<std::int64_t>(), 44'040'192);
+  EXPECT_EQ(doc["layers"]["moe"], 58);
+  EXPECT_EQ(doc["layers"]["dense_ffn"], 3);
+  EXPECT_EQ(doc["parts"]["routed_experts"]["total"].get<std::int64_t>(), 58LL * 256 * 44'040'192);
+  EXPECT_EQ(doc["parts"]["routed_experts"]["active"].get<std::int64_t>(), 58LL * 8 * 44'040'192);
+  EXPECT_EQ(doc["sizes"]["q_lora_rank"], 1536);
+  EXPECT_EQ(doc["sizes"]["attention"], "mla");
+  EXPECT_EQ(doc["mtp"]["params"].get<std::int64_t>(), 11'610'068'224);
+  EXPECT_EQ(doc["published"]["total_params"], 671e9);
+  EXPECT_EQ(doc["memory_bytes"]["fp8"].get<std::int64_t>(), 671'026'419'200);
+  EXPECT_EQ(doc["memory_bytes"]["int4"].get<std::int64_t>(), 335'513'209'600);
+  EXPECT_EQ(doc["fits_24gb"]["int4_with_scales"], false);
+  EXPECT_EQ(doc["flops"]["context_length"], 4096);
+  const nlohmann::json longer = moelab_json("params --preset deepseek_v3 --context 8192");
+  EXPECT_EQ(longer["flops"]["attention_per_token"].get<std::int64_t>(),
+            2 * doc["flops"]["attention_per_token"].get<std::int64_t>());
+  EXPECT_EQ(longer["flops"]["per_token"], doc["flops"]["per_token"]);
+  const CliResult text = moelab("params --preset deepseek_v3");
+  ASSERT_EQ(text.exit_code, 0) << text.out;
+  for (const char* s : {"671,026,419,200", "58 x 256 x 44,040,192", "671.0 GB", "335.5 GB", "A 24 GB card cannot hold",
+                        "multi-token prediction"})
+    EXPECT_NE(text.out.find(s), std::string::npos) << s << " missing from\n" << text.out;
+}
+
+TEST(Cli, ParamsForEveryCountablePresetAndItsErrors) {
+  const nlohmann::json mixtral = moelab_json("params --preset mixtral");
+  EXPECT_EQ(mixtral["total_params"].get<std::int64_t>(), 46'702'792'704);
+  EXPECT_EQ(mixtral["active_params_with_embedding"].get<std::int64_t>(), 12'879'925'248);
+  EXPECT_EQ(mixtral["published"]["active_counts_embedding"], true);
+  EXPECT_EQ(moelab_json("params --preset olmoe")["fits_24gb"]["bf16"], true);
+  EXPECT_TRUE(moelab_json("params --preset gpu_mode_amd")["published"].is_null());
+  for (const char* p : {"switch", "qwen2_moe", "qwen3_moe", "deepseek_v2", "llama4", "gpt_oss"}) {
+    const CliResult r = moelab(std::string("params --preset ") + p);
+    EXPECT_EQ(r.exit_code, 0) << p << ": " << r.out;
+    EXPECT_NE(r.out.find("published:"), std::string::npos) << p << ": " << r.out;
+  }
+  const struct {
+    const char* args;
+    const char* message;
+  } cases[] = {
+      {"params --preset nope", "moelab params: error: preset = \"nope\": is not a known preset"},
+      {"params --preset gshard", "preset = \"gshard\": has no published checkpoint"},
+      {"params --preset hash --json", "preset = \"hash\": has no published checkpoint"},
+      {"params", "--preset is required"},
+      {"params --preset mixtral --context 0", "--context = 0: must be at least 1"},
+  };
+  for (const auto& c : cases) {
+    const CliResult r = moelab(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << ": " << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << ": " << r.out;
+    EXPECT_EQ(r.out.find('\n'), r.out.size() - 1) << c.args << ": not one line: " << r.out;
+  }
+}
