@@ -410,12 +410,14 @@ def valid_ids(report, ids, rows, cols, limit, id_name):
 
 # ---- one case -----------------------------------------------------------------------------------
 
-def check_case(case):
-    report = Report()
-    if "unreadable" in case:
-        report.fail(f"case file: {case['unreadable']}")
-        return report
-    config = case["config"]
+def check_routing(case, config, report):
+    """Recomputes the routing forward of a case (its x, weight, bias, selection_bias, token_ids,
+    sequence_lengths, hash_table) under the routing configuration `config`, and compares moelab's
+    logits, scores, ids, load, gates, aux_loss and z_loss. Returns a dict with the differentiable
+    inputs (x, weight, bias), the oracle's logits, scores, gates, aux and z (computed with moelab's
+    ids), moelab's ids and gates (moelab_gates) and the two selections (own, on_moelab: (ids,
+    stages)); or None where nothing downstream can be checked (the failure is in the report).
+    layer_oracle.py calls it too."""
     T, C, E = len(case["x"]), config["hidden_size"], config["num_experts"]
     expert_choice = config["selection"] == "expert_choice"
 
@@ -428,7 +430,7 @@ def check_case(case):
     hash_table = index_tensor(case["hash_table"], config["top_k"]) if "hash_table" in case else None
     if config["selection"] in ("hash", "table") and len(token_ids) != T:
         report.fail(f"token_ids: {len(token_ids)} ids for {T} tokens")
-        return report
+        return None
 
     moelab = {name: tensor(case[name], E) for name in ("logits", "scores")}
     moelab["gates"] = tensor(case["gates"])
@@ -450,7 +452,7 @@ def check_case(case):
     rows, cols = own[0].shape
     limit, id_name, per_row = (T, "token ids", "expert") if expert_choice else (E, "expert ids", "token")
     if not valid_ids(report, moelab_ids, rows, cols, limit, id_name):
-        return report
+        return None
     check_ids(report, moelab_ids, own, on_moelab, per_row, id_name)
 
     # Everything downstream uses moelab's ids: equal to the oracle's as sets, or (ambiguous) an equally
@@ -472,6 +474,23 @@ def check_case(case):
         z = z_loss(logits, config)
     report.close("aux_loss", torch.tensor(number(case["aux_loss"])), aux)
     report.close("z_loss", torch.tensor(number(case["z_loss"])), z)
+    return {"x": x, "weight": weight, "bias": bias, "logits": logits, "scores": scores, "ids": ids,
+            "gates": gates, "aux": aux, "z": z, "own": own, "on_moelab": on_moelab,
+            "moelab_gates": moelab["gates"]}
+
+
+def check_case(case):
+    report = Report()
+    if "unreadable" in case:
+        report.fail(f"case file: {case['unreadable']}")
+        return report
+    config = case["config"]
+    C = config["hidden_size"]
+    routed = check_routing(case, config, report)
+    if routed is None:
+        return report
+    x, weight, bias = routed["x"], routed["weight"], routed["bias"]
+    gates, aux, z = routed["gates"], routed["aux"], routed["z"]
 
     # Backward: loss = sum(w * gates) + aux_loss + z_loss (route_backward with loss_scale 1).
     w = tensor(case["w"])
@@ -508,10 +527,11 @@ def case_files(arguments):
     return files
 
 
-def verdict(case):
-    """("PASS" | "FAIL" | "AMBIGUOUS" | "SKIP", Report or the reason skipped)."""
+def verdict(case, check=check_case):
+    """("PASS" | "FAIL" | "AMBIGUOUS" | "SKIP", Report or the reason skipped). `check` is this
+    file's check_case, or another oracle's (layer_oracle.py shares this driver)."""
     try:
-        report = check_case(case)
+        report = check(case)
     except Unsupported as reason:
         return "SKIP", str(reason)
     except Exception as error:  # a malformed case, or a bug here: a failure, never a pass
@@ -522,7 +542,7 @@ def verdict(case):
     return ("AMBIGUOUS" if report.ambiguous else "PASS"), report
 
 
-def run(files):
+def run(files, check=check_case):
     counts = {"PASS": 0, "FAIL": 0, "AMBIGUOUS": 0, "SKIP": 0}
     width = max(len(f.stem) for f in files)
     for path in files:
@@ -530,7 +550,7 @@ def run(files):
             case = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             case = {"unreadable": repr(error)}  # check_case fails it, naming the error
-        status, report = verdict(case)
+        status, report = verdict(case, check)
         counts[status] += 1
         line = f"{status:<10} {path.stem:<{width}}  "
         if status == "SKIP":
@@ -615,18 +635,18 @@ def mutations(case):
     return out
 
 
-def self_test(files):
+def self_test(files, check=check_case, make_mutations=mutations):
     """Every mutation of every case that passes must fail, in the field it changed."""
     caught = missed = 0
     ties = 0
     for path in files:
         case = json.loads(path.read_text())
-        status, _ = verdict(case)
+        status, _ = verdict(case, check)
         if status not in ("PASS", "AMBIGUOUS"):
             print(f"self-test: {path.stem}: {status} as it is, so its mutations prove nothing; left out")
             continue
-        for what, field, mutated in mutations(case):
-            status, report = verdict(mutated)
+        for what, field, mutated in make_mutations(case):
+            status, report = verdict(mutated, check)
             failed_fields = [m.split(":")[0].split("[")[0] for m in report.failures] if status == "FAIL" else []
             if field in failed_fields:
                 caught += 1
@@ -635,7 +655,8 @@ def self_test(files):
                 missed += 1
                 print(f"MISSED     {path.stem}: {what}: {status}"
                       + (f" ({'; '.join(report.failures)})" if failed_fields else ""))
-    print(f"self-test: {caught} mutations caught ({ties} of them exact ties broken the wrong way), {missed} missed")
+    ties_caught = f" ({ties} of them exact ties broken the wrong way)" if ties else ""
+    print(f"self-test: {caught} mutations caught{ties_caught}, {missed} missed")
     return 1 if missed or caught == 0 else 0
 
 
