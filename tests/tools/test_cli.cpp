@@ -103,6 +103,31 @@ TEST(Cli, RouteIsDeterministicAndConsistent) {
   EXPECT_GT(bf16["aux_loss"].get<double>(), 0.0);
 }
 
+TEST(Cli, LayerRunsForwardAndBackwardAndReportsDrops) {
+  nlohmann::json dropless = moelab_json("layer --preset qwen2_moe --tokens 12 --seed 2");
+  nlohmann::json again = moelab_json("layer --preset qwen2_moe --tokens 12 --seed 2");
+  dropless.erase("timing");  // seconds differ from run to run; everything else is seeded
+  again.erase("timing");
+  EXPECT_EQ(dropless, again);
+  EXPECT_EQ(dropless["config"]["shared_experts"], 1);
+  EXPECT_EQ(dropless["config"]["shared_gated"], true);
+  std::int64_t rows = 0, dropped = 0;
+  for (const auto& n : dropless["load"]) rows += n.get<std::int64_t>();
+  for (const auto& n : dropless["dropped"]) dropped += n.get<std::int64_t>();
+  EXPECT_EQ(rows, 12 * 4);  // dropless: every token's 4 experts
+  EXPECT_EQ(dropped, 0);
+  EXPECT_GT(dropless["gradient_norms"]["router"].get<double>(), 0.0);
+  EXPECT_GT(dropless["gradient_norms"]["shared_gate"].get<double>(), 0.0);
+  const nlohmann::json capped = moelab_json("layer --preset qwen2_moe --tokens 12 --seed 2 --capacity-factor 0.5");
+  rows = dropped = 0;
+  for (const auto& n : capped["load"]) rows += n.get<std::int64_t>();
+  for (const auto& n : capped["dropped"]) dropped += n.get<std::int64_t>();
+  EXPECT_GT(dropped, 0);
+  EXPECT_EQ(rows + dropped, 12 * 4);  // every pair is either computed or dropped
+  const nlohmann::json llama4 = moelab_json("layer --preset llama4 --tokens 4");
+  EXPECT_EQ(llama4["config"]["gate_placement"], "input");
+}
+
 TEST(Cli, BadInputIsOneLineAndExitCode2) {
   const struct {
     const char* args;
@@ -119,6 +144,8 @@ TEST(Cli, BadInputIsOneLineAndExitCode2) {
       {"route", "--preset is required"},
       {"route --preset mixtral --tokens 0", "--tokens = 0: must be in [1, 1000000]"},
       {"route --preset mixtral --dtype fp8", "router"},
+      {"layer --preset mixtral --capacity-factor 0", "capacity_factor = 0"},
+      {"layer --preset mixtral --tokens 0", "--tokens = 0"},
   };
   for (const auto& c : cases) {
     const CliResult r = moelab(c.args);
