@@ -17,6 +17,7 @@
 #pragma once
 
 #include "reference/observer.h"
+#include "reference/types.h"
 
 #include <nlohmann/json.hpp>
 
@@ -31,6 +32,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -84,6 +86,27 @@ class MemoryRecorder : public Observer {
 // JSON has no inf or NaN: a number as JSON, or the string "nan", "inf" or "-inf". Every JSON
 // moelab writes (events, CLI output, golden manifests) uses this one rule.
 nlohmann::ordered_json json_number(double value);
+
+// A matrix as JSON, a list of rows; a vector as a flat list. Integers stay integers; floating-point
+// values go through json_number.
+template <typename Derived>
+nlohmann::ordered_json json_list(const Eigen::DenseBase<Derived>& v) {
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
+  for (Index i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_integral_v<typename Derived::Scalar>) {
+      list.push_back(v(i));
+    } else {
+      list.push_back(json_number(static_cast<double>(v(i))));
+    }
+  }
+  return list;
+}
+template <typename Derived>
+nlohmann::ordered_json json_rows(const Eigen::DenseBase<Derived>& m) {
+  nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+  for (Index r = 0; r < m.rows(); ++r) rows.push_back(json_list(m.row(r)));
+  return rows;
+}
 
 // One event as one line of JSON (without the newline), and back. from_json_line throws Error for
 // malformed input, naming the problem (but not a line number: read_json_lines adds that).

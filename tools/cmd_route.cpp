@@ -56,16 +56,6 @@ Batch make_batch(const RoutingConfig& c, Index T, std::uint64_t seed) {
   return b;
 }
 
-json matrix_rows(const auto& m) {
-  json rows = json::array();
-  for (Index r = 0; r < m.rows(); ++r) {
-    json row = json::array();
-    for (Index c = 0; c < m.cols(); ++c) row.push_back(json_number(static_cast<double>(m(r, c))));
-    rows.push_back(row);
-  }
-  return rows;
-}
-
 void print_route(const RouteOptions& o) {
   const Preset& preset = find_preset(o.preset);
   require(o.tokens >= 1 && o.tokens <= 1'000'000, "--tokens", o.tokens, "must be in [1, 1000000]");
@@ -83,8 +73,8 @@ void print_route(const RouteOptions& o) {
                 {"seed", o.seed},           {"dtype", o.dtype},       {"train", o.train},
                 {"config", to_json(config)}, {"token_ids", batch.token_ids}};
     doc["ids_layout"] = ec ? "(E, C): token ids chosen by each expert" : "(T, k): expert ids chosen by each token";
-    doc["ids"] = matrix_rows(out.ids);
-    doc["gates"] = matrix_rows(out.gates);
+    doc["ids"] = json_rows(out.ids);
+    doc["gates"] = json_rows(out.gates);
     doc["load"] = out.load;
     doc["aux_loss"] = json_number(out.aux_loss);
     doc["z_loss"] = json_number(out.z_loss);

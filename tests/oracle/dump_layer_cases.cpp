@@ -35,6 +35,7 @@
 #include "reference/layer.h"
 #include "reference/presets.h"
 #include "reference/recorder.h"
+#include "tests/oracle/case_writer.h"
 #include "tests/testing.h"
 
 namespace moelab {
@@ -103,41 +104,18 @@ Inputs make_inputs(const Case& c) {
 
 // ---- JSON ----------------------------------------------------------------------------------------
 
-Json matrix_json(const MatrixD& m) {  // a list of rows
-  Json rows = Json::array();
-  for (Index r = 0; r < m.rows(); ++r) {
-    Json row = Json::array();
-    for (Index c = 0; c < m.cols(); ++c) row.push_back(json_number(m(r, c)));
-    rows.push_back(std::move(row));
-  }
-  return rows;
-}
 
-Json ids_json(const IndexMatrix& m) {
-  Json rows = Json::array();
-  for (Index r = 0; r < m.rows(); ++r) {
-    Json row = Json::array();
-    for (Index c = 0; c < m.cols(); ++c) row.push_back(m(r, c));
-    rows.push_back(std::move(row));
-  }
-  return rows;
-}
 
-Json vector_json(const VectorT<double>& v) {
-  Json list = Json::array();
-  for (Index i = 0; i < v.size(); ++i) list.push_back(json_number(v(i)));
-  return list;
-}
 
 // One expert's parameters (or their gradients); unused ones are empty lists.
 Json expert_json(const ExpertParamsT<double>& p) {
   Json j;
-  j["w_gate"] = matrix_json(p.w_gate);
-  j["w_up"] = matrix_json(p.w_up);
-  j["w_down"] = matrix_json(p.w_down);
-  j["b_gate"] = vector_json(p.b_gate);
-  j["b_up"] = vector_json(p.b_up);
-  j["b_down"] = vector_json(p.b_down);
+  j["w_gate"] = json_rows(p.w_gate);
+  j["w_up"] = json_rows(p.w_up);
+  j["w_down"] = json_rows(p.w_down);
+  j["b_gate"] = json_list(p.b_gate);
+  j["b_up"] = json_list(p.b_up);
+  j["b_down"] = json_list(p.b_down);
   return j;
 }
 
@@ -168,15 +146,6 @@ Json config_json(const LayerConfig& c) {
   return j;
 }
 
-// One top-level key per line, each value compact: files that still read well in a diff.
-std::string one_key_per_line(const Json& j) {
-  std::string text = "{\n";
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    text += "  " + Json(it.key()).dump() + ": " + it.value().dump();
-    text += std::next(it) == j.end() ? "\n" : ",\n";
-  }
-  return text + "}\n";
-}
 
 Json run_case(const Case& c) {
   const LayerConfig& lc = c.config;
@@ -194,41 +163,41 @@ Json run_case(const Case& c) {
   j["seed"] = c.seed;
   j["init_std"] = kInitStd;
   j["config"] = config_json(lc);
-  if (lc.routing.selection == SelectionKind::table) j["hash_table"] = ids_json(lc.routing.hash_table);
+  if (lc.routing.selection == SelectionKind::table) j["hash_table"] = json_rows(lc.routing.hash_table);
   // Inputs and parameters.
-  j["x"] = matrix_json(in.x);
+  j["x"] = json_rows(in.x);
   j["token_ids"] = in.token_ids;
   j["sequence_lengths"] = c.sequence_lengths;
-  j["dy"] = matrix_json(in.dy);
-  j["weight"] = matrix_json(in.params.routing.router.weight);
-  j["bias"] = vector_json(in.params.routing.router.bias);
-  j["selection_bias"] = vector_json(in.params.routing.selection_bias);
+  j["dy"] = json_rows(in.dy);
+  j["weight"] = json_rows(in.params.routing.router.weight);
+  j["bias"] = json_list(in.params.routing.router.bias);
+  j["selection_bias"] = json_list(in.params.routing.selection_bias);
   j["experts"] = experts_json(in.params.experts);
   j["shared"] = experts_json(in.params.shared);
-  j["shared_gate"] = matrix_json(in.params.shared_gate);
+  j["shared_gate"] = json_rows(in.params.shared_gate);
   // moelab's forward.
-  j["logits"] = matrix_json(out.routing.logits);
-  j["scores"] = matrix_json(out.routing.scores);
-  j["ids"] = ids_json(out.routing.ids);
-  j["gates"] = matrix_json(out.routing.gates);
+  j["logits"] = json_rows(out.routing.logits);
+  j["scores"] = json_rows(out.routing.scores);
+  j["ids"] = json_rows(out.routing.ids);
+  j["gates"] = json_rows(out.routing.gates);
   j["load"] = out.routing.load;
   if (token_choice && !lc.capacity.dropless) {
     j["capacity"] = expert_capacity(c.tokens, lc.routing.top_k, lc.num_experts(), lc.capacity);
   } else {
     j["capacity"] = nullptr;  // dropless, or expert choice (its capacity is the ids' width)
   }
-  j["keep"] = ids_json(out.keep);
+  j["keep"] = json_rows(out.keep);
   j["dropped"] = out.dropped;
-  j["y"] = matrix_json(out.y);
+  j["y"] = json_rows(out.y);
   j["aux_loss"] = json_number(out.aux_loss);
   j["z_loss"] = json_number(out.z_loss);
   // moelab's backward.
-  j["dx"] = matrix_json(grads.dx);
-  j["dweight"] = matrix_json(grads.router.weight);
-  j["dbias"] = vector_json(grads.router.bias);
+  j["dx"] = json_rows(grads.dx);
+  j["dweight"] = json_rows(grads.router.weight);
+  j["dbias"] = json_list(grads.router.bias);
   j["d_experts"] = experts_json(grads.experts);
   j["d_shared"] = experts_json(grads.shared);
-  j["d_shared_gate"] = matrix_json(grads.shared_gate);
+  j["d_shared_gate"] = json_rows(grads.shared_gate);
   return j;
 }
 
@@ -310,50 +279,15 @@ std::vector<Case> all_cases() {
   return cases;
 }
 
-int dump(const std::filesystem::path& dir) {
-  std::filesystem::create_directories(dir);
-  Json manifest;
-  manifest["generator"] = "moelab_dump_layer_cases";
-  manifest["cases"] = Json::array();
-  for (const Case& c : all_cases()) {
-    const std::string file = c.name + ".json";
-    Json j;
-    try {
-      j = run_case(c);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab_dump_layer_cases: case %s: %s\n", c.name.c_str(), e.what());
-      return 1;
-    }
-    std::ofstream out(dir / file);
-    out << one_key_per_line(j);
-    if (!out) {
-      std::fprintf(stderr, "moelab_dump_layer_cases: cannot write %s\n", (dir / file).c_str());
-      return 1;
-    }
-    manifest["cases"].push_back(file);
-  }
-  std::ofstream out(dir / "manifest.json");
-  out << manifest.dump(1) << '\n';
-  if (!out) {
-    std::fprintf(stderr, "moelab_dump_layer_cases: cannot write %s\n", (dir / "manifest.json").c_str());
-    return 1;
-  }
-  std::printf("moelab_dump_layer_cases: %zu cases written to %s\n", manifest["cases"].size(), dir.c_str());
-  return 0;
+std::vector<oracle::NamedCase> named_cases() {
+  std::vector<oracle::NamedCase> named;
+  for (const Case& c : all_cases()) named.push_back({c.name, [c] { return run_case(c); }});
+  return named;
 }
 
 }  // namespace
 }  // namespace moelab
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s OUT_DIR\n", argc > 0 ? argv[0] : "moelab_dump_layer_cases");
-    return 2;
-  }
-  try {
-    return moelab::dump(argv[1]);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moelab_dump_layer_cases: %s\n", e.what());
-    return 1;
-  }
+  return moelab::oracle::dumper_main(argc, argv, "moelab_dump_layer_cases", moelab::named_cases);
 }

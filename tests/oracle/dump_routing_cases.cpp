@@ -38,6 +38,7 @@
 
 #include "reference/presets.h"
 #include "reference/recorder.h"
+#include "tests/oracle/case_writer.h"
 #include "reference/routing.h"
 #include "reference/selection.h"
 #include "tests/testing.h"
@@ -184,42 +185,9 @@ Inputs make_inputs(const Case& c) {
 
 // ---- JSON ----------------------------------------------------------------------------------------
 
-template <typename Scalar>
-Json matrix_json(const MatrixT<Scalar>& m) {  // a list of rows
-  Json rows = Json::array();
-  for (Index r = 0; r < m.rows(); ++r) {
-    Json row = Json::array();
-    for (Index c = 0; c < m.cols(); ++c) row.push_back(json_number(static_cast<double>(m(r, c))));
-    rows.push_back(std::move(row));
-  }
-  return rows;
-}
 
-Json ids_json(const IndexMatrix& m) {
-  Json rows = Json::array();
-  for (Index r = 0; r < m.rows(); ++r) {
-    Json row = Json::array();
-    for (Index c = 0; c < m.cols(); ++c) row.push_back(m(r, c));
-    rows.push_back(std::move(row));
-  }
-  return rows;
-}
 
-Json vector_json(const VectorT<double>& v) {
-  Json list = Json::array();
-  for (Index i = 0; i < v.size(); ++i) list.push_back(json_number(v(i)));
-  return list;
-}
 
-// One top-level key per line, each value compact: small files that still read well in a diff.
-std::string one_key_per_line(const Json& j) {
-  std::string text = "{\n";
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    text += "  " + Json(it.key()).dump() + ": " + it.value().dump();
-    text += std::next(it) == j.end() ? "\n" : ",\n";
-  }
-  return text + "}\n";
-}
 
 Json run_case(const Case& c) {
   const RoutingConfig& rc = c.config;
@@ -239,24 +207,24 @@ Json run_case(const Case& c) {
   j["description"] = kind_description(c.kind);
   j["seed"] = c.seed;
   j["config"] = to_json(rc);
-  if (rc.selection == SelectionKind::table) j["hash_table"] = ids_json(rc.hash_table);  // not in to_json
-  j["x"] = matrix_json(in.x);
-  j["weight"] = matrix_json(in.params.router.weight);
-  j["bias"] = vector_json(in.params.router.bias);
-  j["selection_bias"] = vector_json(in.params.selection_bias);
+  if (rc.selection == SelectionKind::table) j["hash_table"] = json_rows(rc.hash_table);  // not in to_json
+  j["x"] = json_rows(in.x);
+  j["weight"] = json_rows(in.params.router.weight);
+  j["bias"] = json_list(in.params.router.bias);
+  j["selection_bias"] = json_list(in.params.selection_bias);
   j["token_ids"] = in.token_ids;
   j["sequence_lengths"] = c.sequence_lengths;
-  j["w"] = matrix_json(w);
-  j["logits"] = matrix_json(out.logits);
-  j["scores"] = matrix_json(out.scores);
-  j["ids"] = ids_json(out.ids);
-  j["gates"] = matrix_json(out.gates);
+  j["w"] = json_rows(w);
+  j["logits"] = json_rows(out.logits);
+  j["scores"] = json_rows(out.scores);
+  j["ids"] = json_rows(out.ids);
+  j["gates"] = json_rows(out.gates);
   j["load"] = out.load;
   j["aux_loss"] = json_number(out.aux_loss);
   j["z_loss"] = json_number(out.z_loss);
-  j["dx"] = matrix_json(dx);
-  j["dweight"] = matrix_json(dparams.weight);
-  j["dbias"] = vector_json(dparams.bias);
+  j["dx"] = json_rows(dx);
+  j["dweight"] = json_rows(dparams.weight);
+  j["dbias"] = json_list(dparams.bias);
   return j;
 }
 
@@ -379,50 +347,15 @@ std::vector<Case> all_cases() {
   return cases;
 }
 
-int dump(const std::filesystem::path& dir) {
-  std::filesystem::create_directories(dir);
-  Json manifest;
-  manifest["generator"] = "moelab_dump_routing_cases";
-  manifest["cases"] = Json::array();
-  for (const Case& c : all_cases()) {
-    const std::string file = c.file_stem + ".json";
-    Json j;
-    try {
-      j = run_case(c);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab_dump_routing_cases: case %s: %s\n", c.file_stem.c_str(), e.what());
-      return 1;
-    }
-    std::ofstream out(dir / file);
-    out << one_key_per_line(j);
-    if (!out) {
-      std::fprintf(stderr, "moelab_dump_routing_cases: cannot write %s\n", (dir / file).c_str());
-      return 1;
-    }
-    manifest["cases"].push_back(file);
-  }
-  std::ofstream out(dir / "manifest.json");
-  out << manifest.dump(1) << '\n';
-  if (!out) {
-    std::fprintf(stderr, "moelab_dump_routing_cases: cannot write %s\n", (dir / "manifest.json").c_str());
-    return 1;
-  }
-  std::printf("moelab_dump_routing_cases: %zu cases written to %s\n", manifest["cases"].size(), dir.c_str());
-  return 0;
+std::vector<oracle::NamedCase> named_cases() {
+  std::vector<oracle::NamedCase> named;
+  for (const Case& c : all_cases()) named.push_back({c.file_stem, [c] { return run_case(c); }});
+  return named;
 }
 
 }  // namespace
 }  // namespace moelab
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s OUT_DIR\n", argc > 0 ? argv[0] : "moelab_dump_routing_cases");
-    return 2;
-  }
-  try {
-    return moelab::dump(argv[1]);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moelab_dump_routing_cases: %s\n", e.what());
-    return 1;
-  }
+  return moelab::oracle::dumper_main(argc, argv, "moelab_dump_routing_cases", moelab::named_cases);
 }
