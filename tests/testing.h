@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "reference/error.h"
@@ -21,6 +23,24 @@ std::string error_of(F&& f) {
   }
   return "";
 }
+
+// Small matrices written out in a test: int_rows({{0, 1}, {2, 0}}), rows_of({{0.5, 0.25}}).
+template <typename Scalar>
+MatrixT<Scalar> matrix_of(std::initializer_list<std::initializer_list<Scalar>> rows) {
+  MatrixT<Scalar> m(static_cast<Index>(rows.size()), rows.size() == 0 ? 0 : static_cast<Index>(rows.begin()->size()));
+  Index t = 0;
+  for (const auto& row : rows) {
+    require(static_cast<Index>(row.size()) == m.cols(), "row size", row.size(), "every row must have the same length");
+    Index j = 0;
+    for (Scalar v : row) m(t, j++) = v;
+    ++t;
+  }
+  return m;
+}
+inline IndexMatrix int_rows(std::initializer_list<std::initializer_list<std::int32_t>> rows) {
+  return matrix_of<std::int32_t>(rows);
+}
+inline MatrixD rows_of(std::initializer_list<std::initializer_list<double>> rows) { return matrix_of<double>(rows); }
 
 // A (rows, cols) matrix of N(0, sigma^2) values from `rng` (never zeros: they hide bugs).
 template <typename Scalar = double>

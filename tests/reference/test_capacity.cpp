@@ -19,29 +19,9 @@ namespace moelab {
 namespace {
 
 using moelab::testing::error_of;
+using moelab::testing::int_rows;
+using moelab::testing::rows_of;
 using moelab::testing::random_matrix;
-
-IndexMatrix int_rows(std::initializer_list<std::initializer_list<int>> rows) {
-  IndexMatrix m(static_cast<Index>(rows.size()), static_cast<Index>(rows.begin()->size()));
-  Index t = 0;
-  for (const auto& row : rows) {
-    Index j = 0;
-    for (int v : row) m(t, j++) = v;
-    ++t;
-  }
-  return m;
-}
-
-MatrixD rows_of(std::initializer_list<std::initializer_list<double>> rows) {
-  MatrixD m(static_cast<Index>(rows.size()), static_cast<Index>(rows.begin()->size()));
-  Index t = 0;
-  for (const auto& row : rows) {
-    Index j = 0;
-    for (double v : row) m(t, j++) = v;
-    ++t;
-  }
-  return m;
-}
 
 // Shape and values, so that a wrong shape fails the test instead of tripping Eigen's size assert.
 ::testing::AssertionResult same(const IndexMatrix& actual, const IndexMatrix& expected) {

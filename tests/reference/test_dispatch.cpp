@@ -18,20 +18,11 @@ namespace moelab {
 namespace {
 
 using moelab::testing::error_of;
+using moelab::testing::int_rows;
+using moelab::testing::rows_of;
 using moelab::testing::max_relative_error;
 using moelab::testing::numerical_gradient;
 using moelab::testing::random_matrix;
-
-IndexMatrix int_rows(std::initializer_list<std::initializer_list<int>> rows) {
-  IndexMatrix m(static_cast<Index>(rows.size()), static_cast<Index>(rows.begin()->size()));
-  Index t = 0;
-  for (const auto& row : rows) {
-    Index j = 0;
-    for (int v : row) m(t, j++) = v;
-    ++t;
-  }
-  return m;
-}
 
 // Shape and values, so that a wrong shape fails the test instead of tripping Eigen's size assert.
 template <typename Scalar>

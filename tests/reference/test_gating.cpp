@@ -16,19 +16,8 @@ using moelab::testing::max_relative_error;
 using moelab::testing::numerical_gradient;
 using moelab::testing::random_matrix;
 
-MatrixD row(std::initializer_list<double> values) {
-  MatrixD m(1, static_cast<Index>(values.size()));
-  Index i = 0;
-  for (double v : values) m(0, i++) = v;
-  return m;
-}
-
-IndexMatrix id_row(std::initializer_list<int> values) {
-  IndexMatrix m(1, static_cast<Index>(values.size()));
-  Index i = 0;
-  for (int v : values) m(0, i++) = v;
-  return m;
-}
+MatrixD row(std::initializer_list<double> values) { return moelab::testing::rows_of({values}); }
+IndexMatrix id_row(std::initializer_list<std::int32_t> values) { return moelab::testing::int_rows({values}); }
 
 TEST(Gating, SelectedScoresAsQwenAndOlmoe) {
   const MatrixD scores = row({0.1, 0.6, 0.3});
