@@ -2,6 +2,8 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -41,6 +43,20 @@ inline IndexMatrix int_rows(std::initializer_list<std::initializer_list<std::int
   return matrix_of<std::int32_t>(rows);
 }
 inline MatrixD rows_of(std::initializer_list<std::initializer_list<double>> rows) { return matrix_of<double>(rows); }
+
+// Same shape and the same bits in every element (-0.0 != 0.0; a NaN equals only itself).
+template <typename Scalar>
+bool bitwise_equal(const MatrixT<Scalar>& a, const MatrixT<Scalar>& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  using Bits = std::conditional_t<sizeof(Scalar) == 4, std::uint32_t, std::uint64_t>;
+  for (Index i = 0; i < a.size(); ++i)
+    if (std::bit_cast<Bits>(a.data()[i]) != std::bit_cast<Bits>(b.data()[i])) return false;
+  return true;
+}
+template <typename Scalar>
+bool bitwise_equal(const VectorT<Scalar>& a, const VectorT<Scalar>& b) {
+  return bitwise_equal(MatrixT<Scalar>(a), MatrixT<Scalar>(b));
+}
 
 // A (rows, cols) matrix of N(0, sigma^2) values from `rng` (never zeros: they hide bugs).
 template <typename Scalar = double>

@@ -24,6 +24,8 @@
 namespace moelab {
 namespace {
 
+using moelab::testing::bitwise_equal;
+
 using moelab::testing::error_of;
 using moelab::testing::max_relative_error;
 using moelab::testing::numerical_gradient;
@@ -45,20 +47,7 @@ ExpertConfig make_config(Index C, Index H, Activation activation = Activation::s
   return ExpertConfig{.hidden_size = C, .intermediate_size = H, .activation = activation, .use_bias = use_bias};
 }
 
-template <typename Scalar>
-bool bitwise_equal(const MatrixT<Scalar>& a, const MatrixT<Scalar>& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-  using Bits = std::conditional_t<sizeof(Scalar) == 4, std::uint32_t, std::uint64_t>;
-  for (Index i = 0; i < a.size(); ++i) {
-    if (std::bit_cast<Bits>(a.data()[i]) != std::bit_cast<Bits>(b.data()[i])) return false;
-  }
-  return true;
-}
 
-template <typename Scalar>
-bool bitwise_equal(const VectorT<Scalar>& a, const VectorT<Scalar>& b) {
-  return bitwise_equal(MatrixT<Scalar>(a), MatrixT<Scalar>(b));
-}
 
 template <typename Scalar>
 bool bitwise_equal(const ExpertParamsT<Scalar>& a, const ExpertParamsT<Scalar>& b) {
@@ -203,6 +192,16 @@ constexpr double kHandTol = 1e-14;
 const MatrixD kHandX{{1, 2}, {-1, 1}};
 const MatrixD kHandWDown{{1, 2}, {-1, 0.5}};
 
+// The parameters of the hand-worked clamped-SwiGLU example (HandWorkedSwigluClamped).
+ExpertParamsT<double> clamped_hand_params() {
+  return {.w_gate = MatrixD{{0.5, 0.5}, {1, 0.5}},
+          .w_up = MatrixD{{0.5, 0.25}, {0.25, 0.5}},
+          .w_down = kHandWDown,
+          .b_gate = VectorD{{0.5, -2.5}},
+          .b_up = VectorD{{0.5, -0.75}},
+          .b_down = VectorD{{0.5, -0.25}}};
+}
+
 // swiglu, no bias:
 //   W_gate = [1 0; 1 -1]        g = x W_gate^T = [ 1 -1; -1 -2]
 //   W_up = [0.5 0.25; -1 1]     u = x W_up^T   = [ 1  1; -0.25 2]
@@ -301,12 +300,7 @@ TEST(Experts, HandWorkedReluWithBias) {
 //   y_10 = 0.625 sigma(1) - 3 sigma(-6) + 0.5    = 0.94949374217384873
 //   y_11 = -0.625 sigma(1) - 0.75 sigma(-6) - 0.25 = -0.70876607901122913
 TEST(Experts, HandWorkedSwigluClamped) {
-  const ExpertParamsT<double> params{.w_gate = MatrixD{{0.5, 0.5}, {1, 0.5}},
-                                     .w_up = MatrixD{{0.5, 0.25}, {0.25, 0.5}},
-                                     .w_down = kHandWDown,
-                                     .b_gate = VectorD{{0.5, -2.5}},
-                                     .b_up = VectorD{{0.5, -0.75}},
-                                     .b_down = VectorD{{0.5, -0.25}}};
+  const ExpertParamsT<double> params = clamped_hand_params();
   ExpertConfig config = make_config(2, 2, Activation::swiglu_clamped, true);
   config.swiglu_limit = 1;
   config.swiglu_alpha = 2;
@@ -578,12 +572,7 @@ TEST(Experts, EmitsHiddenStatistics) {
   EXPECT_EQ(rec.size(), 1u);
 
   // The clamped hand example: g_00 = 2 > 1 and u_00 = 1.5 > 1 are the clamped ones.
-  const ExpertParamsT<double> clamped_params{.w_gate = MatrixD{{0.5, 0.5}, {1, 0.5}},
-                                             .w_up = MatrixD{{0.5, 0.25}, {0.25, 0.5}},
-                                             .w_down = kHandWDown,
-                                             .b_gate = VectorD{{0.5, -2.5}},
-                                             .b_up = VectorD{{0.5, -0.75}},
-                                             .b_down = VectorD{{0.5, -0.25}}};
+  const ExpertParamsT<double> clamped_params = clamped_hand_params();
   ExpertConfig config = make_config(2, 2, Activation::swiglu_clamped, true);
   config.swiglu_limit = 1;
   config.swiglu_alpha = 2;

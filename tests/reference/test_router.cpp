@@ -20,6 +20,8 @@
 namespace moelab {
 namespace {
 
+using moelab::testing::bitwise_equal;
+
 using moelab::testing::error_of;
 using moelab::testing::max_relative_error;
 using moelab::testing::numerical_gradient;
@@ -33,15 +35,6 @@ RouterConfig make_config(Index C, Index E, bool use_bias = false, RouterNoise no
   return RouterConfig{.hidden_size = C, .num_experts = E, .use_bias = use_bias, .dtype = dtype, .noise = noise};
 }
 
-template <typename Scalar>
-bool bitwise_equal(const MatrixT<Scalar>& a, const MatrixT<Scalar>& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-  using Bits = std::conditional_t<sizeof(Scalar) == 4, std::uint32_t, std::uint64_t>;
-  for (Index i = 0; i < a.size(); ++i) {
-    if (std::bit_cast<Bits>(a.data()[i]) != std::bit_cast<Bits>(b.data()[i])) return false;
-  }
-  return true;
-}
 
 Matrix rounded(Matrix m, Format f) {
   for (Index i = 0; i < m.size(); ++i) m.data()[i] = round_to(m.data()[i], f);
