@@ -2,13 +2,10 @@
 #include "reference/recorder.h"
 
 #include "reference/error.h"
+#include "reference/files.h"
 
-#include <fcntl.h>
 #include <fmt/format.h>
-#include <unistd.h>
 
-#include <atomic>
-#include <cerrno>
 #include <cmath>
 #include <istream>
 #include <limits>
@@ -320,29 +317,10 @@ void JsonLinesWriter::on_event(const Event& event) {
 }
 
 JsonLinesFile::JsonLinesFile(std::filesystem::path path) : path_(std::move(path)) {
-  if (path_.empty() || !path_.has_filename()) fail("path", path_.string(), "must name a file");
-  std::error_code ec;
-  if (std::filesystem::is_directory(path_, ec)) fail("path", path_.string(), "is a directory");
-
-  // O_EXCL makes the name ours alone; pid + counter keeps writers in other threads and processes
-  // apart, and a stale file left by a crashed process is skipped.
-  static std::atomic<unsigned> counter{0};
-  for (int attempt = 0; attempt < 100 && temp_path_.empty(); ++attempt) {
-    std::filesystem::path candidate = path_.parent_path() /
-        fmt::format(".{}.tmp.{}.{}", path_.filename().string(), ::getpid(), counter++);
-    const int fd = ::open(candidate.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd >= 0) {
-      ::close(fd);
-      temp_path_ = std::move(candidate);
-    } else if (errno != EEXIST) {
-      fail("path", path_.string(),
-           fmt::format("cannot create a temporary file beside it ({})",
-                       std::error_code(errno, std::generic_category()).message()));
-    }
-  }
-  if (temp_path_.empty()) fail("path", path_.string(), "found no free temporary file name");
+  temp_path_ = create_temp_file_beside(path_);
   out_.open(temp_path_, std::ios::binary | std::ios::trunc);
   if (!out_) {
+    std::error_code ec;
     std::filesystem::remove(temp_path_, ec);
     fail("path", path_.string(), "cannot open the temporary file for writing");
   }
@@ -370,26 +348,16 @@ void JsonLinesFile::close() {
   const std::lock_guard<std::mutex> lock(mutex_);
   if (closed_) return;
   closed_ = true;
-  std::error_code ec;
-  // Every failure below leaves path_ as it was and removes the temporary file.
-  const auto give_up = [&](std::string_view why) {
-    std::filesystem::remove(temp_path_, ec);
-    fail("path", path_.string(), fmt::format("cannot publish the JSON lines file: {}", why));
-  };
   out_.flush();
   const bool written = static_cast<bool>(out_);
   out_.close();
-  if (!written || out_.fail()) give_up("writing failed");
-  // Sync before the rename, so that after a power cut the path holds the old or the new content.
-  const int fd = ::open(temp_path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0 || ::fsync(fd) != 0) {
-    const std::string why = std::error_code(errno, std::generic_category()).message();
-    if (fd >= 0) ::close(fd);
-    give_up(fmt::format("sync failed ({})", why));
+  if (!written || out_.fail()) {
+    // Nothing is published: path_ stays as it was.
+    std::error_code ec;
+    std::filesystem::remove(temp_path_, ec);
+    fail("path", path_.string(), "cannot publish the JSON lines file: writing failed");
   }
-  ::close(fd);
-  std::filesystem::rename(temp_path_, path_, ec);
-  if (ec) give_up(fmt::format("rename failed ({})", ec.message()));
+  publish_temp_file(temp_path_, path_);
 }
 
 // --- FanOut -------------------------------------------------------------------------------------
