@@ -427,16 +427,16 @@ ModelSizes switch_base() {
 ModelSizes gpu_mode_amd() {
   ModelSizes m;
   m.preset = "gpu_mode_amd";
-  m.model = "GPU MODE AMD challenge MoE problem (one layer, DeepSeek-V3 sizes)";
+  m.model = "GPU MODE AMD challenge MoE problem (one layer, its largest configuration)";
   m.source = "gpu-mode/reference-kernels, AMD developer challenge 2025 'amd-mixture-of-experts' (d_hidden 7168, "
-             "d_expert 2048, 256 routed + 1 shared expert, top-8)";
-  m.notes = "No full model exists: this is the one MoE layer the problem defines (router, 256 routed + 1 shared "
+             "d_expert 2048, 32 routed + 1 shared expert, top-4)";
+  m.notes = "No full model exists: this is the one MoE layer the problem defines (router, 32 routed + 1 shared "
             "SwiGLU experts), without attention, embedding or head.";
   m.hidden_size = 7168;
   m.num_layers = 1;
-  m.n_routed_experts = 256;
+  m.n_routed_experts = 32;
   m.n_shared_experts = 1;
-  m.top_k = 8;
+  m.top_k = 4;
   m.moe_intermediate_size = 2048;
   m.shared_intermediate_size = 2048;
   m.attention = AttentionKind::none;

@@ -96,6 +96,12 @@ std::string_view gate_placement_name(GatePlacement placement) {
   return placement == GatePlacement::output ? "output" : "input";
 }
 
+GatePlacement parse_gate_placement(std::string_view name) {
+  for (GatePlacement p : {GatePlacement::output, GatePlacement::input})
+    if (gate_placement_name(p) == name) return p;
+  fail("gate_placement", fmt::format("\"{}\"", name), "must be one of output, input");
+}
+
 ExpertConfig LayerConfig::shared_expert_config() const {
   ExpertConfig s = expert;
   s.intermediate_size = shared.intermediate_size;
@@ -113,6 +119,35 @@ void LayerConfig::validate() const {
   require(!shared.gated || shared.count > 0, "shared.gated", "true", "a shared-expert gate needs shared.count > 0");
   require(!routing.expert_choice() || capacity.dropless, "capacity.dropless", "false",
           "expert choice has its own capacity (capacity_factor of the routing); token dropping does not apply");
+}
+
+template <typename Scalar>
+void combine_forward(MatrixT<Scalar>& y, const MatrixT<Scalar>& expert_out, const VectorT<Scalar>& row_weight,
+                     std::span<const std::int32_t> row_token, Index tokens) {
+  const Index N = expert_out.rows();
+  require(row_weight.size() == N && static_cast<Index>(row_token.size()) == N, "row_weight, row_token sizes",
+          fmt::format("({}, {})", row_weight.size(), row_token.size()),
+          fmt::format("must both equal the rows of expert_out = {}", N));
+  y = MatrixT<Scalar>::Zero(tokens, expert_out.cols());
+  for (Index r = 0; r < N; ++r) {
+    require(row_token[r] >= 0 && row_token[r] < tokens, fmt::format("row_token[{}]", r), row_token[r],
+            fmt::format("must be a token in [0, {})", tokens));
+    y.row(row_token[r]) += row_weight(r) * expert_out.row(r);
+  }
+}
+
+template <typename Scalar>
+void combine_backward(MatrixT<Scalar>& dexpert_out, VectorT<Scalar>& drow_weight, const MatrixT<Scalar>& dy,
+                      const MatrixT<Scalar>& expert_out, const VectorT<Scalar>& row_weight,
+                      std::span<const std::int32_t> row_token) {
+  const Index N = expert_out.rows();
+  dexpert_out.resize(N, expert_out.cols());
+  drow_weight.resize(N);
+  for (Index r = 0; r < N; ++r) {
+    const Index t = row_token[r];
+    dexpert_out.row(r) = row_weight(r) * dy.row(t);
+    drow_weight(r) = dy.row(t).dot(expert_out.row(r));
+  }
 }
 
 template <typename Scalar>
@@ -158,11 +193,9 @@ void moe_layer_forward(LayerOutputT<Scalar>& out, const MatrixT<Scalar>& x, std:
 
   // Combine: y_t = sum over t's rows r of (g_r) expert_out_r   (+ shared experts), in Scalar.
   start = Clock::now();
-  out.y = MatrixT<Scalar>::Zero(T, C);
-  for (Index r = 0; r < out.expert_out.rows(); ++r) {
-    const Scalar weight = config.gate_placement == GatePlacement::output ? out.row_gate(r) : Scalar(1);
-    out.y.row(out.plan.row_token[r]) += weight * out.expert_out.row(r);
-  }
+  const bool weigh = config.gate_placement == GatePlacement::output;
+  combine_forward(out.y, out.expert_out, weigh ? out.row_gate : VectorT<Scalar>::Ones(out.expert_out.rows()), out.plan.row_token,
+                  T);
   const ExpertConfig shared_config = config.shared_expert_config();
   out.shared_out.assign(static_cast<std::size_t>(config.shared.count), MatrixT<Scalar>{});
   out.shared_cache.assign(static_cast<std::size_t>(config.shared.count), ExpertCacheT<Scalar>{});
@@ -220,17 +253,11 @@ void moe_layer_backward(LayerGradsT<Scalar>& grads, const MatrixT<Scalar>& dy, c
   }
 
   // Combine: d expert_out_r = g_r dy_t (gate on the output) or dy_t; d g_r = <dy_t, expert_out_r>.
-  MatrixT<Scalar> dexpert_out(N, C);
-  VectorT<Scalar> drow_gate = VectorT<Scalar>::Zero(N);
-  for (Index r = 0; r < N; ++r) {
-    const Index t = out.plan.row_token[r];
-    if (config.gate_placement == GatePlacement::output) {
-      dexpert_out.row(r) = out.row_gate(r) * dy.row(t);
-      drow_gate(r) = dy.row(t).dot(out.expert_out.row(r));
-    } else {
-      dexpert_out.row(r) = dy.row(t);
-    }
-  }
+  MatrixT<Scalar> dexpert_out;
+  VectorT<Scalar> drow_gate;
+  const bool weigh = config.gate_placement == GatePlacement::output;
+  combine_backward(dexpert_out, drow_gate, dy, out.expert_out, weigh ? out.row_gate : VectorT<Scalar>::Ones(N),
+                   out.plan.row_token);
 
   // Experts.
   MatrixT<Scalar> dexpert_in(N, C);
@@ -326,6 +353,11 @@ LayerParamsT<Scalar> upcycle(const ExpertParamsT<Scalar>& dense_ffn, const Layer
   template void moe_layer_backward<Scalar>(LayerGradsT<Scalar>&, const MatrixT<Scalar>&, const LayerOutputT<Scalar>&, \
                                            const MatrixT<Scalar>&, const LayerParamsT<Scalar>&, const LayerConfig&, \
                                            Scalar, std::span<const Index>);                                       \
+  template void combine_forward<Scalar>(MatrixT<Scalar>&, const MatrixT<Scalar>&, const VectorT<Scalar>&,          \
+                                        std::span<const std::int32_t>, Index);                                    \
+  template void combine_backward<Scalar>(MatrixT<Scalar>&, VectorT<Scalar>&, const MatrixT<Scalar>&,              \
+                                         const MatrixT<Scalar>&, const VectorT<Scalar>&,                          \
+                                         std::span<const std::int32_t>);                                         \
   template LayerParamsT<Scalar> init_layer<Scalar>(const LayerConfig&, Rng&, double);                             \
   template LayerParamsT<Scalar> upcycle<Scalar>(const ExpertParamsT<Scalar>&, const LayerConfig&, Rng&, double, double);
 MOELAB_INSTANTIATE(float)

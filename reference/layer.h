@@ -34,7 +34,8 @@
 namespace moelab {
 
 enum class GatePlacement { output, input };
-std::string_view gate_placement_name(GatePlacement placement);
+std::string_view gate_placement_name(GatePlacement placement);  // "output", "input"
+GatePlacement parse_gate_placement(std::string_view name);      // throws Error naming "gate_placement"
 
 struct SharedExpertsConfig {
   int count = 0;                // always-active experts beside the routed ones
@@ -90,6 +91,24 @@ struct LayerGradsT {
 
 using LayerParams = LayerParamsT<float>;
 using LayerOutput = LayerOutputT<float>;
+
+// Combine (the last stage, on its own for golden values and kernels): every permuted row r adds
+// its expert output, weighted, to its token's output row:
+//   y_t = sum over rows r with row_token[r] = t of row_weight_r expert_out_r
+// row_weight is the gate (gate on the output) or 1 (gate on the input). Tokens without rows get 0.
+//   y:          (T, C) out, resized
+//   expert_out: (N, C) in
+//   row_weight: (N) in
+//   row_token:  (N) in, tokens in [0, T) (Error naming the row otherwise)
+template <typename Scalar>
+void combine_forward(MatrixT<Scalar>& y, const MatrixT<Scalar>& expert_out, const VectorT<Scalar>& row_weight,
+                     std::span<const std::int32_t> row_token, Index tokens);
+// dexpert_out_r = row_weight_r dy_t,  drow_weight_r = <dy_t, expert_out_r>   (t = row_token[r])
+//   dexpert_out: (N, C) out, resized;  drow_weight: (N) out, resized;  dy: (T, C) in
+template <typename Scalar>
+void combine_backward(MatrixT<Scalar>& dexpert_out, VectorT<Scalar>& drow_weight, const MatrixT<Scalar>& dy,
+                      const MatrixT<Scalar>& expert_out, const VectorT<Scalar>& row_weight,
+                      std::span<const std::int32_t> row_token);
 
 // token_ids, sequence_lengths and rng as for route_forward. Emits every stage's events, plus
 // events::timing with the seconds of each stage.

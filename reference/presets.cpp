@@ -186,11 +186,12 @@ Preset hash_preset() {
 
 Preset gpu_mode_amd_preset() {
   const RoutingConfig c = softmax_topk(false, AuxLoss::none, 0.0);
-  return {"gpu_mode_amd", "GPU MODE AMD MoE problem (DeepSeek-V3 sizes)",
-          "GPU MODE reference kernels, the AMD developer challenge 2025 MoE problem",
-          "softmax over all experts, top-8, no renormalisation and no scaling (unlike DeepSeek-V3, "
-          "whose sizes it uses)",
-          sized(c, 7168, 256, 8), sized(c, kTinyHidden, 16, 4),
+  return {"gpu_mode_amd", "GPU MODE AMD MoE problem (fp16, 7168 -> 2048, top-4)",
+          "GPU MODE reference kernels, the AMD developer challenge 2025 'amd-mixture-of-experts' problem "
+          "(reference.py: d_hidden 7168, d_expert 2048, 1 shared expert, n_experts_per_token 4; up to 32 routed)",
+          "softmax over all experts, top-4 of the probabilities (torch.topk), no renormalisation and no "
+          "scaling; one shared expert of the same width; fp16 inputs and weights",
+          sized(c, 7168, 32, 4), sized(c, kTinyHidden, 16, 4),
           {.intermediate_size = 2048, .shared = {.count = 1, .intermediate_size = 2048}}};
 }
 
@@ -220,46 +221,6 @@ LayerConfig layer_config(const Preset& preset, PresetSize size) {
   if (tiny && c.shared.count > 0) c.shared.intermediate_size = kTinyIntermediate;
   c.gate_placement = l.gate_placement;
   return c;
-}
-
-nlohmann::ordered_json to_json(const RoutingConfig& c) {
-  nlohmann::ordered_json j;
-  j["hidden_size"] = c.router.hidden_size;
-  j["num_experts"] = c.router.num_experts;
-  j["router"] = {{"use_bias", c.router.use_bias},
-                 {"dtype", format_name(c.router.dtype)},
-                 {"noise", router_noise_name(c.router.noise)},
-                 {"jitter_eps", c.router.jitter_eps}};
-  j["scoring"] = scoring_name(c.scoring);
-  j["selection"] = selection_kind_name(c.selection);
-  j["top_k"] = c.top_k;
-  j["use_selection_bias"] = c.use_selection_bias;
-  if (c.selection == SelectionKind::group_limited)
-    j["group"] = {{"n_group", c.group.n_group},
-                  {"topk_group", c.group.topk_group},
-                  {"score", c.group.score == GroupScore::top2_sum ? "top2_sum" : "max"},
-                  {"mask", c.group.mask == GroupMask::neg_inf ? "neg_inf" : "zero"}};
-  if (c.selection == SelectionKind::device_limited)
-    j["devices"] = {{"num_devices", c.num_devices}, {"topk_devices", c.topk_devices}};
-  if (c.selection == SelectionKind::expert_choice) j["capacity_factor"] = c.capacity_factor;
-  if (c.selection == SelectionKind::hash) j["hash_seed"] = c.hash_seed;
-  if (c.selection == SelectionKind::table) {
-    nlohmann::ordered_json table = nlohmann::ordered_json::array();
-    for (Index v = 0; v < c.hash_table.rows(); ++v) {
-      nlohmann::ordered_json row = nlohmann::ordered_json::array();
-      for (Index slot = 0; slot < c.hash_table.cols(); ++slot) row.push_back(c.hash_table(v, slot));
-      table.push_back(row);
-    }
-    j["hash_table"] = table;
-  }
-  j["gating"] = {{"kind", gate_kind_name(c.gating.kind)},
-                 {"renormalize", c.gating.renormalize},
-                 {"renorm_eps", c.gating.renorm_eps},
-                 {"routed_scaling_factor", c.gating.routed_scaling_factor}};
-  j["losses"] = {{"aux_loss", aux_loss_name(c.aux_loss)},     {"aux_loss_coef", c.aux_loss_coef},
-                 {"device_loss_coef", c.device_loss_coef},    {"comm_loss_coef", c.comm_loss_coef},
-                 {"z_loss_coef", c.z_loss_coef},              {"bias_update_rate", c.bias_update_rate}};
-  return j;
 }
 
 const Preset& find_preset(std::string_view name) {

@@ -7,11 +7,10 @@
 // model's sizes (`full`) and a tiny configuration with the same conventions for tests and training.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <string_view>
 #include <vector>
 
+#include "reference/config_json.h"  // to_json(RoutingConfig), for `moelab presets --json` and the manifests
 #include "reference/layer.h"
 #include "reference/routing.h"
 
@@ -45,9 +44,5 @@ LayerConfig layer_config(const Preset& preset, PresetSize size);
 const std::vector<Preset>& presets();
 // Throws Error naming the preset and listing the known names.
 const Preset& find_preset(std::string_view name);
-
-// Every field of a routing configuration, named as in the structs (for `moelab presets --json`,
-// `moelab route --json` and the golden manifests).
-nlohmann::ordered_json to_json(const RoutingConfig& config);
 
 }  // namespace moelab

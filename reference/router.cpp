@@ -150,6 +150,12 @@ std::string_view router_noise_name(RouterNoise noise) {
   fail("noise", static_cast<int>(noise), "is not a known RouterNoise");
 }
 
+RouterNoise parse_router_noise(std::string_view name) {
+  for (RouterNoise n : {RouterNoise::none, RouterNoise::noisy_topk, RouterNoise::jitter})
+    if (router_noise_name(n) == name) return n;
+  fail("noise", fmt::format("\"{}\"", name), "must be one of none, noisy_topk, jitter");
+}
+
 void RouterConfig::validate() const {
   require(hidden_size > 0, "hidden_size", hidden_size, "must be positive");
   require(num_experts > 0, "num_experts", num_experts, "must be positive");

@@ -37,6 +37,7 @@ enum class RouterNoise {
   jitter,      // Switch Transformer: multiplicative input jitter x * U(1 - eps, 1 + eps)
 };
 std::string_view router_noise_name(RouterNoise noise);  // "none", "noisy_topk", "jitter"
+RouterNoise parse_router_noise(std::string_view name);  // throws Error naming "noise"
 
 struct RouterConfig {
   Index hidden_size = 0;        // C

@@ -106,6 +106,34 @@ void top_n(std::int32_t* out, const Scalar* values, Index size, Index n,
 
 }  // namespace
 
+std::string_view group_score_name(GroupScore score) {
+  switch (score) {
+    case GroupScore::top2_sum: return "top2_sum";
+    case GroupScore::max: return "max";
+  }
+  fail("group.score", static_cast<int>(score), "is not a known GroupScore");
+}
+
+GroupScore parse_group_score(std::string_view name) {
+  for (GroupScore s : {GroupScore::top2_sum, GroupScore::max})
+    if (group_score_name(s) == name) return s;
+  fail("group.score", fmt::format("\"{}\"", name), "must be one of top2_sum, max");
+}
+
+std::string_view group_mask_name(GroupMask mask) {
+  switch (mask) {
+    case GroupMask::neg_inf: return "neg_inf";
+    case GroupMask::zero: return "zero";
+  }
+  fail("group.mask", static_cast<int>(mask), "is not a known GroupMask");
+}
+
+GroupMask parse_group_mask(std::string_view name) {
+  for (GroupMask m : {GroupMask::neg_inf, GroupMask::zero})
+    if (group_mask_name(m) == name) return m;
+  fail("group.mask", fmt::format("\"{}\"", name), "must be one of neg_inf, zero");
+}
+
 void report_load(Observer& o, std::string_view name, const std::vector<std::int64_t>& load) {
   const std::vector<double> values(load.begin(), load.end());
   const double total = std::accumulate(values.begin(), values.end(), 0.0);

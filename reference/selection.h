@@ -66,6 +66,11 @@ enum class GroupMask {
             // chosen groups' biased scores are > 0; a negative bias can make them < 0, and then a
             // masked expert (0.0) is picked from a group that was not kept (test_selection.cpp).
 };
+std::string_view group_score_name(GroupScore score);  // "top2_sum", "max"
+GroupScore parse_group_score(std::string_view name);  // throws Error naming "group.score"
+std::string_view group_mask_name(GroupMask mask);     // "neg_inf", "zero"
+GroupMask parse_group_mask(std::string_view name);    // throws Error naming "group.mask"
+
 struct GroupLimit {
   int n_group = 1;     // G: experts split into G contiguous groups of E / G; must divide E
   int topk_group = 1;  // groups kept per token, 1 <= topk_group <= G

@@ -31,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "reference/capacity.h"
+#include "reference/config_json.h"
 #include "reference/experts.h"
 #include "reference/layer.h"
 #include "reference/presets.h"
@@ -104,9 +105,6 @@ Inputs make_inputs(const Case& c) {
 
 // ---- JSON ----------------------------------------------------------------------------------------
 
-
-
-
 // One expert's parameters (or their gradients); unused ones are empty lists.
 Json expert_json(const ExpertParamsT<double>& p) {
   Json j;
@@ -125,28 +123,6 @@ Json experts_json(const std::vector<ExpertParamsT<double>>& experts) {
   return list;
 }
 
-Json config_json(const LayerConfig& c) {
-  Json j;
-  j["routing"] = to_json(c.routing);
-  j["expert"] = {{"hidden_size", c.expert.hidden_size},
-                 {"intermediate_size", c.expert.intermediate_size},
-                 {"activation", activation_name(c.expert.activation)},
-                 {"use_bias", c.expert.use_bias},
-                 {"swiglu_limit", c.expert.swiglu_limit},
-                 {"swiglu_alpha", c.expert.swiglu_alpha}};
-  j["capacity"] = {{"dropless", c.capacity.dropless},
-                   {"capacity_factor", c.capacity.capacity_factor},
-                   {"rounding", capacity_rounding_name(c.capacity.rounding)},
-                   {"min_capacity", c.capacity.min_capacity},
-                   {"policy", drop_policy_name(c.capacity.policy)}};
-  j["shared"] = {{"count", c.shared.count},
-                 {"intermediate_size", c.shared.intermediate_size},
-                 {"gated", c.shared.gated}};
-  j["gate_placement"] = gate_placement_name(c.gate_placement);
-  return j;
-}
-
-
 Json run_case(const Case& c) {
   const LayerConfig& lc = c.config;
   const Inputs in = make_inputs(c);
@@ -162,7 +138,7 @@ Json run_case(const Case& c) {
   j["variant"] = c.variant;
   j["seed"] = c.seed;
   j["init_std"] = kInitStd;
-  j["config"] = config_json(lc);
+  j["config"] = to_json(lc);  // routing as to_json(RoutingConfig), expert, capacity, shared, gate_placement
   if (lc.routing.selection == SelectionKind::table) j["hash_table"] = json_rows(lc.routing.hash_table);
   // Inputs and parameters.
   j["x"] = json_rows(in.x);

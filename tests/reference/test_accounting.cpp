@@ -172,8 +172,9 @@ TEST(Accounting, GpuModeAmdIsOneMoELayer) {
   const Accounting a = account(model_sizes("gpu_mode_amd"));
   EXPECT_EQ(a.moe_layers, 1);
   EXPECT_EQ(a.attention.total + a.embedding.total + a.lm_head.total + a.norms.total, 0);
-  EXPECT_EQ(a.total_params, 257LL * 44'040'192 + 256 * 7168);
-  EXPECT_EQ(a.active_params, 9LL * 44'040'192 + 256 * 7168);
+  // 3 * 7168 * 2048 = 44,040,192 per expert; the router is 32 x 7168.
+  EXPECT_EQ(a.total_params, 33LL * 44'040'192 + 32 * 7168);
+  EXPECT_EQ(a.active_params, 5LL * 44'040'192 + 32 * 7168);
   EXPECT_EQ(a.flops_per_token, 2 * a.active_params);
   EXPECT_EQ(a.attention_flops_per_token, 0);
 }
