@@ -17,5 +17,7 @@ void add_presets_command(CLI::App& app);
 void add_route_command(CLI::App& app);
 void add_params_command(CLI::App& app);
 void add_layer_command(CLI::App& app);
+void add_golden_command(CLI::App& app);
+void add_check_command(CLI::App& app);
 
 }  // namespace moelab::tools

@@ -5,8 +5,10 @@
 //   moelab route --preset NAME [--tokens T] [--seed S] [--dtype fp32|bf16] [--json]
 //   moelab layer --preset NAME [--tokens T] [--seed S] [--capacity-factor F] [--json]
 //   moelab params --preset NAME [--context L] [--json]
+//   moelab golden --out DIR [--filter GLOB] [--realistic] [--list] [--json]
+//   moelab check --golden DIR --impl cpu|cuda [--filter GLOB] [--verbose] [--json]
 //
-// Exit codes: 0 success, 2 bad input (one line on stderr naming the problem).
+// Exit codes: 0 success, 1 a check failed (moelab check), 2 bad input (one line on stderr naming the problem).
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -17,14 +19,18 @@
 int main(int argc, char** argv) {
   CLI::App app{"moelab: an instrumented reference implementation of Mixture-of-Experts layers", "moelab"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "moelab 0.1.0");
+  app.set_version_flag("--version", "moelab " MOELAB_VERSION);
   moelab::tools::add_numerics_command(app);
   moelab::tools::add_presets_command(app);
   moelab::tools::add_route_command(app);
   moelab::tools::add_params_command(app);
   moelab::tools::add_layer_command(app);
+  moelab::tools::add_golden_command(app);
+  moelab::tools::add_check_command(app);
   try {
     app.parse(argc, argv);
+  } catch (const CLI::RuntimeError& e) {  // a command's own exit code (moelab check: 1 = a case failed)
+    return e.get_exit_code();
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     fmt::print(stderr, "moelab: error: {} (see moelab --help)\n", e.what());
