@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 preset="${1:-default}"
 
 # python3-torch and python3-numpy (Debian's, for Debian's /usr/bin/python3) are the independent
-# oracle of the test suite (tests/oracle/).
+# oracle of the test suite (tests/oracle/). clang and libclang-rt-14-dev (libFuzzer and the
+# sanitizer runtimes) build the fuzzers (tools/fuzz.sh).
 packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
-          libcli11-dev nlohmann-json3-dev libfmt-dev python3 python3-torch python3-numpy)
+          libcli11-dev nlohmann-json3-dev libfmt-dev python3 python3-torch python3-numpy
+          clang libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
