@@ -8,6 +8,7 @@
 // case and prints one row per case; it exits 1 if any case fails.
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -93,6 +94,7 @@ int run_check(const CheckOptions& o) {
     for (const golden::CheckResult& k : r.checks)
       if (o.verbose || k.verdict == golden::Verdict::fail || (k.verdict != golden::Verdict::pass && !k.message.empty()))
         fmt::print("    {:<40} {:<13} {}\n", k.tensor, golden::verdict_name(k.verdict), k.message);
+    std::fflush(stdout);  // each row as it is judged; an error on a later case comes after them
   }
   require(any, "--filter", o.filter, "matches no case in " + o.golden + "/manifest.json");
   const int passed = counts[0], failed = counts[1], ambiguous = counts[2], unsupported = counts[3];

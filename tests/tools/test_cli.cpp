@@ -5,6 +5,9 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -214,5 +217,61 @@ TEST(Cli, ParamsForEveryCountablePresetAndItsErrors) {
     EXPECT_EQ(r.exit_code, 2) << c.args << ": " << r.out;
     EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << ": " << r.out;
     EXPECT_EQ(r.out.find('\n'), r.out.size() - 1) << c.args << ": not one line: " << r.out;
+  }
+}
+
+// `moelab golden` and `moelab check` as a kernel author runs them: write a subset, check the
+// float32 reference against it (exit 0), break an expected value (exit 1, the tensor named), break a
+// file (exit 2, one line).
+TEST(Cli, GoldenWritesAndCheckJudges) {
+  const std::string dir = "/tmp/moelab_test_cli_golden_" + std::to_string(::getpid());
+  std::system(("rm -rf " + dir).c_str());
+  const CliResult written = moelab("golden --out " + dir + " --filter 'losses.*'");
+  ASSERT_EQ(written.exit_code, 0) << written.out;
+  EXPECT_NE(written.out.find("8 cases written"), std::string::npos) << written.out;
+
+  const nlohmann::json ok = moelab_json("check --golden " + dir + " --impl cpu");
+  EXPECT_EQ(ok["passed"], 8);
+  EXPECT_EQ(ok["failed"], 0);
+  EXPECT_EQ(ok["cases"][0]["verdict"], "pass");
+  EXPECT_LT(ok["cases"][0]["worst"].get<double>(), 1.0);
+
+  // Tighten one tolerance to zero: the float32 loss cannot meet it.
+  nlohmann::json manifest;
+  std::ifstream(dir + "/manifest.json") >> manifest;
+  for (nlohmann::json& check : manifest["cases"][0]["checks"])
+    if (check["tensor"] == "output.loss") check["atol"] = check["rtol"] = 0.0;
+  std::ofstream(dir + "/manifest.json") << manifest.dump();
+  const CliResult failed = moelab("check --golden " + dir + " --impl cpu --filter " +
+                                  manifest["cases"][0]["name"].get<std::string>());
+  EXPECT_EQ(failed.exit_code, 1) << failed.out;
+  EXPECT_NE(failed.out.find("output.loss"), std::string::npos) << failed.out;
+  EXPECT_NE(failed.out.find("1 failed"), std::string::npos) << failed.out;
+
+  std::ofstream(dir + "/" + manifest["cases"][1]["file"].get<std::string>(), std::ios::binary) << "not a file";
+  const CliResult broken = moelab("check --golden " + dir + " --impl cpu");
+  EXPECT_EQ(broken.exit_code, 2) << broken.out;
+  const std::size_t error = broken.out.find("moelab check: error: ");
+  ASSERT_NE(error, std::string::npos) << broken.out;  // after the rows of the cases before it
+  EXPECT_NE(broken.out.find(".safetensors: header length", error), std::string::npos) << broken.out;
+  EXPECT_EQ(broken.out.find('\n', error), broken.out.size() - 1) << "not one line: " << broken.out;
+
+  const CliResult none = moelab("check --golden " + dir + " --filter 'nothing*'");
+  EXPECT_EQ(none.exit_code, 2) << none.out;
+  EXPECT_NE(none.out.find("--filter = nothing*: matches no case"), std::string::npos) << none.out;
+  const CliResult impl = moelab("check --golden " + dir + " --impl tpu");
+  EXPECT_NE(impl.out.find("--impl = tpu: must be cpu or cuda"), std::string::npos) << impl.out;
+  std::system(("rm -rf " + dir).c_str());
+}
+
+TEST(Cli, CheckWithCudaNeedsAGpu) {
+  // Without a GPU (or without CUDA in the build) --impl cuda stops with one line that says why; with
+  // one, the conversion kernels pass their cases bit for bit.
+  const CliResult r = moelab("check --golden " + std::string(MOELAB_SOURCE_DIR) + "/golden --impl cuda --filter 'numerics.encode.*'");
+  if (r.exit_code == 0) {
+    EXPECT_NE(r.out.find("4 passed"), std::string::npos) << r.out;
+  } else {
+    EXPECT_EQ(r.exit_code, 2) << r.out;
+    EXPECT_NE(r.out.find("--impl = cuda"), std::string::npos) << r.out;
   }
 }
