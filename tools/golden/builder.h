@@ -52,7 +52,8 @@ class Builder {
   void input_ints(const std::string& name, std::span<const std::int64_t> values);
   void input_ints(const std::string& name, std::span<const std::int32_t> values);
 
-  // Expected floating tensors, stored as F64, with an allclose check.
+  // Expected floating tensors, stored as F64, with an allclose check. The returned reference is
+  // valid until the next check is added (the checks live in a growing vector).
   Check& allclose(const std::string& name, const MatrixD& ref, Tol tol, const std::string& rows = "all",
                   const std::string& align = "");
   Check& allclose(const std::string& name, const VectorT<double>& ref, Tol tol, const std::string& rows = "all");

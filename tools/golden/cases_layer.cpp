@@ -78,8 +78,9 @@ Tolerances routing_tolerances(const RoutingConfig& c, Format format, Index T) {
 // depend on other tokens (never for the routing itself; kept for symmetry with the layer).
 void put_routing_outputs(Builder& b, const RoutingOutputT<double>& out, const RoutingConfig& c,
                          const VectorT<double>& selection_bias, const Tolerances& tol) {
-  const Check& logits = b.allclose("output.logits", out.logits, tol.logits, "token");
-  const Check& scores = b.allclose("output.scores", out.scores, tol.scores, "token");
+  // Copies: the builder's list of checks grows below, which moves its elements.
+  const Check logits = b.allclose("output.logits", out.logits, tol.logits, "token");
+  const Check scores = b.allclose("output.scores", out.scores, tol.scores, "token");
   const bool ec = c.expert_choice();
   const std::string ids = ec ? "output.expert_choice_ids" : "output.topk_ids";
   if (ranked(c)) {
