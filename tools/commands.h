@@ -20,5 +20,6 @@ void add_layer_command(CLI::App& app);
 void add_golden_command(CLI::App& app);
 void add_check_command(CLI::App& app);
 void add_corpus_command(CLI::App& app);
+void add_train_command(CLI::App& app);
 
 }  // namespace moelab::tools

@@ -330,3 +330,59 @@ TEST(Cli, CorpusWritesTheDomainsAndIsIdempotent) {
   }
   std::system(("rm -rf " + dir).c_str());
 }
+
+// `moelab train` end to end on whatever corpus is at hand (in the test folder: none, so the
+// generated domains): a run folder with metrics and a checkpoint, a resumed run, and one-line errors.
+TEST(Cli, TrainWritesARunAndResumesIt) {
+  const std::string dir = "/tmp/moelab_test_cli_train_" + std::to_string(::getpid());
+  std::system(("rm -rf " + dir).c_str());
+  const nlohmann::json doc = moelab_json("train --steps 3 --batch 2 --seq 16 --out " + dir);
+  EXPECT_EQ(doc["command"], "train");
+  EXPECT_EQ(doc["model"], "tiny_moe");
+  EXPECT_EQ(doc["steps"], 3);
+  EXPECT_EQ(doc["checkpoint"], dir + "/step-000003");
+  EXPECT_TRUE(doc["resumed_from"].is_null());
+  EXPECT_GT(doc["unigram_baseline"].get<double>(), 0.0);
+  EXPECT_GT(doc["val_loss"].get<double>(), 0.0);
+  EXPECT_EQ(doc["config"]["batch_size"], 2);
+  EXPECT_EQ(doc["specialisation_bits"].size(), 4u);  // tiny_moe: every block is MoE
+  for (const char* f : {"/metrics.jsonl", "/latest", "/step-000003/model.safetensors", "/step-000003/optimizer.safetensors",
+                        "/step-000003/config.json", "/step-000003/trainer_state.json"})
+    EXPECT_TRUE(std::ifstream(dir + f).good()) << f;
+  std::ifstream metrics(dir + "/metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    EXPECT_TRUE(j["name"] == "train_step" || j["name"] == "eval") << line;
+    ++lines;
+  }
+  EXPECT_EQ(lines, 4);  // 3 steps and the evaluation after the last
+
+  const nlohmann::json resumed = moelab_json("train --resume " + dir + " --steps 4");
+  EXPECT_EQ(resumed["resumed_from"], 3);
+  EXPECT_EQ(resumed["steps"], 4);
+  EXPECT_EQ(resumed["steps_this_run"], 1);
+  EXPECT_EQ(resumed["checkpoint"], dir + "/step-000004");
+
+  const struct {
+    std::string args;
+    const char* message;
+  } cases[] = {
+      {"train --balance sideways", "moelab train: error: --balance = sideways: must be one of preset, aux, aux_free, none"},
+      {"train --steps 0 --out " + dir + "_x", "steps = 0: must be positive"},
+      {"train --preset tiny_dense --balance aux_free --out " + dir + "_x", "has no MoE block"},
+      {"train --preset nonesuch", "is not a known model configuration"},
+      {"train --steps 2 --out " + dir, "already holds a run"},
+      {"train --resume " + dir + " --seed 3", "--seed = (given): comes from the checkpoint"},
+      {"train --resume " + dir + "_nothing", "no such folder"},
+      {"train --corpus " + dir + "_no_corpus --out " + dir + "_x", "manifest.json"},
+      {"train --steps", "--steps"},
+  };
+  for (const auto& c : cases) {
+    const CliResult r = moelab(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << ": " << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << ": " << r.out;
+    EXPECT_EQ(r.out.find('\n'), r.out.size() - 1) << c.args << ": not one line: " << r.out;
+  }
+  std::system(("rm -rf " + dir + " " + dir + "_x").c_str());
+}
