@@ -54,6 +54,9 @@ except Exception as error:  # ImportError, or a broken installation
           f"and its python3-torch (tools/setup.sh installs it). This interpreter: {sys.executable}")
     sys.exit(77)
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from routing_oracle import case_files  # noqa: E402  (the oracles' one reader of a case folder)
+
 ATOL, RTOL = 1e-12, 1e-10      # float64 forward values, elementwise
 GRAD_RTOL = 1e-9               # float64 gradients, relative to the tensor's largest component
 F32_RTOL = 1e-6                # float32 (adamw): about 16 float32 ulps of the value ...
@@ -265,21 +268,6 @@ def check_case(case):
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-
-def case_files(arguments):
-    files = []
-    for argument in arguments:
-        path = pathlib.Path(argument)
-        if path.is_dir():
-            manifest = path / "manifest.json"
-            if manifest.exists():
-                files += [path / name for name in json.loads(manifest.read_text())["cases"]]
-            else:
-                files += sorted(p for p in path.glob("*.json") if p.name != "manifest.json")
-        else:
-            files.append(path)
-    return files
-
 
 def run(files):
     passed = failed = 0
