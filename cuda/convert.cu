@@ -46,10 +46,8 @@
 namespace moelab::cuda {
 namespace {
 
-// Throws Error("<what> = <cudaErrorName>: <description>") for a failed CUDA call.
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) fail(what, cudaGetErrorName(err), cudaGetErrorString(err));
-}
+// check_cuda (device.h) under a short name.
+void check(cudaError_t err, const char* what) { check_cuda(err, what); }
 
 // -------------------------------------------------------------------------------------------------
 // One element. The formats' limits, as float32 (exact):
@@ -245,54 +243,7 @@ void check_format_and_version(Format f, int version) {
           fmt::format("must be in [1, {}]", kConvertVersions));
 }
 
-// Device memory that is freed when it goes out of scope (also when an error is thrown).
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(std::size_t bytes) { check(cudaMalloc(&ptr_, bytes), "cudaMalloc"); }
-  ~DeviceBuffer() { cudaFree(ptr_); }  // an error here goes unreported: destructors must not throw
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-};
-
 }  // namespace
-
-DeviceStatus device_status() {
-  DeviceStatus status;
-  int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    status.reason = std::string("no CUDA device: ") +
-                    (err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount found none");
-    cudaGetLastError();  // reset the runtime's last error, so later calls do not report this one
-    return status;
-  }
-  int device = 0;
-  cudaDeviceProp prop{};
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaGetDeviceProperties(&prop, device);
-  if (err != cudaSuccess) {
-    status.reason = std::string("no CUDA device: ") + cudaGetErrorString(err);
-    cudaGetLastError();
-    return status;
-  }
-  status.name = prop.name;
-  status.sm = prop.major * 10 + prop.minor;
-  // A device this build has no code for (sm_75, or a future one without PTX JIT) is not usable.
-  cudaFuncAttributes attributes{};
-  err = cudaFuncGetAttributes(&attributes, convert_kernel1<Format::bf16, Overflow::nonsaturating>);
-  if (err != cudaSuccess) {
-    status.reason = fmt::format("no CUDA device: {} (sm_{}) cannot run this build: {}", status.name,
-                                status.sm, cudaGetErrorString(err));
-    cudaGetLastError();
-    return status;
-  }
-  status.available = true;
-  return status;
-}
 
 int device_bytes(Format f) {
   require(f != Format::fp32, "format", format_name(f),
@@ -336,23 +287,21 @@ std::vector<std::uint16_t> convert(std::span<const float> xs, Format f, Overflow
   if (xs.empty()) return {};
   const std::size_t n = xs.size();
   const std::size_t out_bytes = n * static_cast<std::size_t>(device_bytes(f));
-  DeviceBuffer in(n * sizeof(float));
-  DeviceBuffer out(out_bytes);
-  check(cudaMemcpy(in.get(), xs.data(), n * sizeof(float), cudaMemcpyHostToDevice),
-        "cudaMemcpy(host to device)");
+  const DeviceBuffer<float> in(xs);
+  DeviceBuffer<std::uint8_t> out(out_bytes);
   // Poison the output: an element a kernel forgets to write then fails the comparison instead of
   // passing with whatever an earlier run left in this memory.
-  check(cudaMemset(out.get(), 0xA5, out_bytes), "cudaMemset");
-  launch_convert(out.get(), static_cast<const float*>(in.get()), n, f, overflow, version);
+  out.poison(0xA5);
+  launch_convert(out.data(), in.data(), n, f, overflow, version);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after the kernel");
 
   std::vector<std::uint16_t> result(n);
   if (device_bytes(f) == 2) {
-    check(cudaMemcpy(result.data(), out.get(), out_bytes, cudaMemcpyDeviceToHost),
+    check(cudaMemcpy(result.data(), out.data(), out_bytes, cudaMemcpyDeviceToHost),
           "cudaMemcpy(device to host)");
   } else {
     std::vector<std::uint8_t> bytes(n);
-    check(cudaMemcpy(bytes.data(), out.get(), out_bytes, cudaMemcpyDeviceToHost),
+    check(cudaMemcpy(bytes.data(), out.data(), out_bytes, cudaMemcpyDeviceToHost),
           "cudaMemcpy(device to host)");
     for (std::size_t i = 0; i < n; ++i) result[i] = bytes[i];
   }

@@ -15,18 +15,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda/device.h"
 #include "reference/numerics.h"
 
 namespace moelab::cuda {
 
-// Whether a GPU that can run this build is present. Never throws.
-struct DeviceStatus {
-  bool available = false;
-  std::string reason;  // why not available: "no CUDA device: <what CUDA said>"; empty if available
-  std::string name;    // "NVIDIA H100 80GB HBM3"
-  int sm = 0;          // compute capability as major*10 + minor: 90 for Hopper
-};
-DeviceStatus device_status();
 
 // 1: one element per thread, scalar intrinsics.
 // 2: four elements per thread: 16-byte loads, 2-wide packed conversions, one wide store.
