@@ -21,5 +21,6 @@ void add_golden_command(CLI::App& app);
 void add_check_command(CLI::App& app);
 void add_corpus_command(CLI::App& app);
 void add_train_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
 
 }  // namespace moelab::tools

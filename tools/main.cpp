@@ -9,8 +9,10 @@
 //   moelab check --golden DIR --impl cpu|cuda [--filter GLOB] [--verbose] [--json]
 //   moelab corpus --out DIR [--max-domain-bytes N] [--val-percent P] [--seed S] [--json]
 //   moelab train [--preset NAME] [--balance B] [--steps N] [--seed S] [--out DIR] [--resume DIR] [--json]
+//   moelab bench --impl cuda [--shape S,...] [--tokens T,...] [--routing uniform|skewed] [--versions] [--json FILE]
 //
-// Exit codes: 0 success, 1 a check failed (moelab check), 2 bad input (one line on stderr naming the problem).
+// Exit codes: 0 success, 1 a check failed (moelab check) or `moelab bench --impl cuda` cannot run here,
+// 2 bad input (one line on stderr naming the problem).
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -31,6 +33,7 @@ int main(int argc, char** argv) {
   moelab::tools::add_check_command(app);
   moelab::tools::add_corpus_command(app);
   moelab::tools::add_train_command(app);
+  moelab::tools::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::RuntimeError& e) {  // a command's own exit code (moelab check: 1 = a case failed)
