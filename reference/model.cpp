@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <type_traits>
@@ -49,10 +50,17 @@ bool ModelConfig::is_moe(Index layer) const {
   return false;
 }
 
+// Counted, not looped over: validate() asks before it checks anything, and a config read from a
+// file may claim 2^40 blocks.
 Index ModelConfig::n_moe_layers() const {
-  Index n = 0;
-  for (Index i = 0; i < n_layers; ++i) n += is_moe(i) ? 1 : 0;
-  return n;
+  if (n_layers <= 0) return 0;
+  switch (moe_layout) {
+    case MoeLayout::dense: return 0;
+    case MoeLayout::all: return n_layers;
+    case MoeLayout::every_other: return n_layers / 2;  // blocks 1, 3, 5, ...
+    case MoeLayout::first_k_dense: return n_layers - std::clamp<Index>(first_k_dense_replace, 0, n_layers);
+  }
+  return 0;
 }
 
 AttentionConfig ModelConfig::attention() const {

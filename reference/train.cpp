@@ -1036,6 +1036,8 @@ fs::path find_checkpoint(const fs::path& dir) {
     const std::string name = entry.path().filename().string();
     if (name.rfind("step-", 0) != 0 || name.size() == 5) continue;
     if (!std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; })) continue;
+    // More digits than an int64 holds: not a step of ours (std::stoll would throw out_of_range).
+    if (name.size() > 5 + 18) continue;
     const std::int64_t step = std::stoll(name.substr(5));
     if (step > best_step && is_checkpoint(entry.path())) {
       best_step = step;
@@ -1047,10 +1049,69 @@ fs::path find_checkpoint(const fs::path& dir) {
   return best;
 }
 
+namespace {
+
+// A lower bound of the bytes of the model's float32 parameters: the embedding, the attention
+// projections, the FFN matrices (two per FFN, the gate of a gated one left out) and the routers;
+// norms, biases and the head not counted. In double, because a config read from a file may
+// describe an absurd model: the bound then is huge (or inf), never a wrapped-around int64.
+double min_parameter_bytes(const ModelConfig& m) {
+  const double V = static_cast<double>(m.vocab_size), C = static_cast<double>(m.hidden_size),
+               L = static_cast<double>(m.n_layers), moe = static_cast<double>(m.n_moe_layers());
+  double n = V * C + L * 4 * C * C + (L - moe) * 2 * C * static_cast<double>(m.intermediate_size);
+  if (m.moe_layout != MoeLayout::dense) {
+    const double E = static_cast<double>(m.moe.num_experts());
+    n += moe * (E * C + E * 2 * C * static_cast<double>(m.moe.expert.intermediate_size) +
+                static_cast<double>(m.moe.shared.count) * 2 * C * static_cast<double>(m.moe.shared.intermediate_size));
+  }
+  return 4 * n;
+}
+
+}  // namespace
+
 TrainConfig read_checkpoint_config(const fs::path& checkpoint_dir) {
   const fs::path path = checkpoint_dir / kConfigFile;
   const std::vector<std::uint8_t> bytes = read_required(path);
-  return parse_checkpoint_config(path, parse_json_file(path, bytes));
+  TrainConfig config = parse_checkpoint_config(path, parse_json_file(path, bytes));
+  // Before anyone allocates the model config.json describes: the weights must be there.
+  const fs::path model_path = checkpoint_dir / kModelFile;
+  std::error_code ec;
+  const bool present = fs::is_regular_file(model_path, ec);
+  const std::uintmax_t model_bytes = present ? fs::file_size(model_path, ec) : 0;
+  if (!present || ec)
+    throw Error(fmt::format("{}: missing (not a complete moelab checkpoint)", model_path.string()));
+  const double needed = min_parameter_bytes(config.model_config());
+  if (!(needed <= static_cast<double>(model_bytes)))
+    throw Error(fmt::format("{}: {} bytes cannot hold the model of {} (at least {:.4g} bytes of float32 parameters)",
+                            model_path.string(), model_bytes, path.string(), needed));
+  return config;
+}
+
+namespace {
+
+// The BatchSource of a Trainer that only loads a checkpoint: it never trains or evaluates.
+class NoBatches : public BatchSource {
+ public:
+  Batch train_batch(std::int64_t) const override { throw Error("a loaded checkpoint model has no training data"); }
+  Batch val_batch(std::int64_t) const override { throw Error("a loaded checkpoint model has no validation data"); }
+};
+
+}  // namespace
+
+CheckpointModel load_checkpoint_model(const fs::path& dir) {
+  CheckpointModel m;
+  m.path = find_checkpoint(dir);
+  m.config = read_checkpoint_config(m.path);
+  // Trainer::load is the one place that checks every file of a checkpoint; its AdamW state is
+  // checked and then dropped with the trainer.
+  const NoBatches none;
+  Trainer trainer(m.config, none, TrainerOptions{.threads = 1});
+  trainer.load(m.path);
+  m.model = trainer.model_config();
+  m.eval_model = without_noise(m.model);
+  m.params = trainer.params();
+  m.step = trainer.steps_done();
+  return m;
 }
 
 // ---- Metrics ----------------------------------------------------------------------------------------

@@ -279,7 +279,23 @@ std::filesystem::path save_checkpoint(const Trainer& trainer, const std::filesys
 // highest step-N folder of DIR (never a .tmp one). Throws Error naming DIR if there is none.
 std::filesystem::path find_checkpoint(const std::filesystem::path& dir);
 // The TrainConfig in a checkpoint's config.json, checked (for resuming: build the Trainer from it).
+// The check includes that the checkpoint's model.safetensors is at least as large as the float32
+// parameters of the model config.json describes, so that a damaged config.json is an Error rather
+// than an attempt to allocate terabytes.
 TrainConfig read_checkpoint_config(const std::filesystem::path& checkpoint_dir);
+
+// A checkpoint's model, to use rather than to train (moelab analyze and route, the viewer, the
+// notebooks): DIR as find_checkpoint takes it (a checkpoint, or a run folder: its latest), every
+// file checked exactly as Trainer::load checks it.
+struct CheckpointModel {
+  std::filesystem::path path;  // the checkpoint folder that find_checkpoint chose
+  TrainConfig config;          // as saved in config.json
+  ModelConfig model;           // as trained: config.model_config()
+  ModelConfig eval_model;      // `model` without router noise: what Trainer::evaluate runs
+  ModelParams params;
+  std::int64_t step = 0;       // steps trained
+};
+CheckpointModel load_checkpoint_model(const std::filesystem::path& dir);
 
 // ---- Metrics ----------------------------------------------------------------------------------------
 

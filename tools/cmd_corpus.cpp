@@ -9,7 +9,9 @@
 // tools/setup.sh can run it every time. Never fails for lack of sources: with none installed, the
 // corpus holds the generated domains only, and the output says what is missing.
 #include <fmt/format.h>
+#include <unistd.h>
 
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -86,6 +88,25 @@ void run_corpus(const CorpusCommandOptions& o) {
 }
 
 }  // namespace
+
+LoadedCorpus load_corpus_or_generated(const std::string& dir, bool dir_given) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (dir_given || fs::exists(fs::path(dir) / "manifest.json", ec)) return {read_corpus(dir), false, ""};
+  // An empty folder as the root: build_corpus then finds no system source and makes the generated
+  // domains (arithmetic, counting, embedded_en).
+  const fs::path empty = fs::temp_directory_path() / fmt::format("moelab-empty-root-{}", ::getpid());
+  fs::create_directories(empty, ec);
+  CorpusOptions options;
+  options.root = empty;
+  options.moelab_version = MOELAB_VERSION;
+  LoadedCorpus r{build_corpus(options), true,
+                 fmt::format("{} holds no corpus (build it with `moelab corpus --out {}`): using the generated "
+                             "domains arithmetic, counting and embedded_en",
+                             dir, dir)};
+  fs::remove_all(empty, ec);
+  return r;
+}
 
 void add_corpus_command(CLI::App& app) {
   auto o = std::make_shared<CorpusCommandOptions>();

@@ -75,31 +75,6 @@ std::string rate_text(double tokens_per_second) {
                                    : fmt::format("{:.0f}", tokens_per_second);
 }
 
-// The corpus at DIR, or the generated domains when the default DIR has no corpus.
-struct LoadedCorpus {
-  Corpus corpus;
-  bool fallback = false;  // DIR had no corpus
-  std::string message;
-};
-
-LoadedCorpus load_corpus(const TrainOptions& o) {
-  std::error_code ec;
-  if (fs::exists(fs::path(o.corpus) / "manifest.json", ec) || o.corpus_given) return {read_corpus(o.corpus), false, ""};
-  // An empty folder as the root: build_corpus then finds no system source and makes the generated
-  // domains (arithmetic, counting, embedded_en).
-  const fs::path empty = fs::temp_directory_path() / fmt::format("moelab-empty-root-{}", ::getpid());
-  fs::create_directories(empty, ec);
-  CorpusOptions options;
-  options.root = empty;
-  options.moelab_version = MOELAB_VERSION;
-  LoadedCorpus r{build_corpus(options), true,
-                 fmt::format("{} holds no corpus (build it with `moelab corpus --out {}`): training on the generated "
-                             "domains arithmetic, counting and embedded_en",
-                             o.corpus, o.corpus)};
-  fs::remove_all(empty, ec);
-  return r;
-}
-
 bool given(const TrainOptions& o, std::string_view name) {
   return std::find(o.given.begin(), o.given.end(), name) != o.given.end();
 }
@@ -180,7 +155,7 @@ void run_train(const TrainOptions& o) {
     throw Error(fmt::format("configuration: {}", e.what()));
   }
 
-  const LoadedCorpus loaded = load_corpus(o);
+  const LoadedCorpus loaded = load_corpus_or_generated(o.corpus, o.corpus_given);
   const CorpusBatchSource data(loaded.corpus, config.batch_size, config.seq_len, config.seed);
   Trainer trainer(config, data, TrainerOptions{.threads = o.threads, .moelab_version = MOELAB_VERSION});
   std::optional<std::int64_t> resumed_from;

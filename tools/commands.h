@@ -8,6 +8,9 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <string>
+
+#include "reference/corpus.h"
 #include "reference/recorder.h"  // json_number
 
 namespace moelab::tools {
@@ -22,5 +25,16 @@ void add_check_command(CLI::App& app);
 void add_corpus_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_analyze_command(CLI::App& app);
+
+// The corpus of `moelab train` and `moelab analyze` (defined in cmd_corpus.cpp): read_corpus(dir),
+// or, when `dir` is the default (not given) and holds no manifest.json, the generated domains
+// (build_corpus on an empty root: arithmetic, counting, embedded_en) with a message saying so.
+struct LoadedCorpus {
+  Corpus corpus;
+  bool fallback = false;  // dir had no corpus
+  std::string message;    // why, and how to build one; empty unless fallback
+};
+LoadedCorpus load_corpus_or_generated(const std::string& dir, bool dir_given);
 
 }  // namespace moelab::tools

@@ -3,6 +3,7 @@
 //   moelab numerics [--logits L --dtype D] [--value X] [--json]
 //   moelab presets [--json]
 //   moelab route --preset NAME [--tokens T] [--seed S] [--dtype fp32|bf16] [--json]
+//   moelab route --checkpoint DIR --text TEXT [--dtype fp32|bf16] [--json]
 //   moelab layer --preset NAME [--tokens T] [--seed S] [--capacity-factor F] [--json]
 //   moelab params --preset NAME [--context L] [--json]
 //   moelab golden --out DIR [--filter GLOB] [--realistic] [--list] [--json]
@@ -10,6 +11,7 @@
 //   moelab corpus --out DIR [--max-domain-bytes N] [--val-percent P] [--seed S] [--json]
 //   moelab train [--preset NAME] [--balance B] [--steps N] [--seed S] [--out DIR] [--resume DIR] [--json]
 //   moelab bench --impl cuda [--shape S,...] [--tokens T,...] [--routing uniform|skewed] [--versions] [--json FILE]
+//   moelab analyze --checkpoint DIR [--split val|train] [--batches N] [--compare DIR2] [--json]
 //
 // Exit codes: 0 success, 1 a check failed (moelab check) or `moelab bench --impl cuda` cannot run here,
 // 2 bad input (one line on stderr naming the problem).
@@ -34,6 +36,7 @@ int main(int argc, char** argv) {
   moelab::tools::add_corpus_command(app);
   moelab::tools::add_train_command(app);
   moelab::tools::add_bench_command(app);
+  moelab::tools::add_analyze_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::RuntimeError& e) {  // a command's own exit code (moelab check: 1 = a case failed)

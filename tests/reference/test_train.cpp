@@ -377,6 +377,79 @@ TEST(TrainCheckpoint, LeftoverTemporaryFoldersAreIgnored) {
   EXPECT_NE(error_of([&] { find_checkpoint(empty.path()); }).find("no checkpoint here"), std::string::npos);
 }
 
+// load_checkpoint_model: what moelab analyze and route use. From a run folder it takes the latest
+// checkpoint and gives the trainer's parameters and selection biases bit for bit, and the model
+// without router noise for inference.
+TEST(TrainCheckpoint, LoadCheckpointModelGivesTheTrainedParameters) {
+  const TrainConfig config = small_config("switch", BalanceMode::aux_free);  // switch: router jitter
+  const RepeatingSource data(config.batch_size, config.seq_len, 6);
+  TempDir run("model");
+  Trainer trainer(config, data);
+  trainer.step();
+  save_checkpoint(trainer, run.path());
+  trainer.step();
+  save_checkpoint(trainer, run.path());
+
+  const CheckpointModel m = load_checkpoint_model(run.path());
+  EXPECT_EQ(m.path, run.path() / "step-000002");
+  EXPECT_EQ(m.step, 2);
+  EXPECT_EQ(to_json(m.config), to_json(config));
+  EXPECT_EQ(to_json(m.model), to_json(trainer.model_config()));
+  ASSERT_NE(m.model.moe.routing.router.noise, RouterNoise::none);
+  ModelConfig quiet = m.model;
+  quiet.moe.routing.router.noise = RouterNoise::none;
+  EXPECT_EQ(to_json(m.eval_model), to_json(quiet));
+  auto tensors = [](const ModelParams& p, const ModelConfig& c) {
+    std::vector<ConstNamedParamT<float>> all = model_parameters(p, c);
+    for (ConstNamedParamT<float>& t : model_buffers(p, c)) all.push_back(std::move(t));
+    return all;
+  };
+  const auto loaded = tensors(m.params, m.model), trained = tensors(trainer.params(), trainer.model_config());
+  ASSERT_EQ(loaded.size(), trained.size());
+  for (std::size_t k = 0; k < loaded.size(); ++k) {
+    EXPECT_EQ(loaded[k].name, trained[k].name);
+    EXPECT_TRUE(loaded[k].matrix != nullptr ? testing::bitwise_equal(*loaded[k].matrix, *trained[k].matrix)
+                                            : testing::bitwise_equal(*loaded[k].vector, *trained[k].vector))
+        << loaded[k].name;
+  }
+  EXPECT_EQ(load_checkpoint_model(run.path() / "step-000001").step, 1);
+  EXPECT_NE(error_of([&] { load_checkpoint_model(run.path() / "nothing"); }).find("nothing: no such folder"),
+            std::string::npos);
+}
+
+// Regressions. (1) A step-N folder with more digits than an int64 holds made find_checkpoint throw
+// std::out_of_range (std::stoll), which no caller catches: it is not a checkpoint folder. (2) A
+// config.json that claims 2^39 blocks (the JSON reader takes integers up to 2^40) made
+// ModelConfig::validate count them one by one, and would then have had the Trainer allocate them:
+// now n_moe_layers is a formula, and read_checkpoint_config refuses a model that model.safetensors
+// is too small to hold.
+TEST(TrainCheckpoint, AbsurdFolderNamesAndConfigsAreErrors) {
+  const TrainConfig config = small_config();
+  const RepeatingSource data(config.batch_size, config.seq_len, 7);
+  TempDir run("absurd");
+  Trainer trainer(config, data);
+  trainer.step();
+  save_checkpoint(trainer, run.path());
+  fs::remove(run.path() / "latest");
+  fs::copy(run.path() / "step-000001", run.path() / "step-99999999999999999999999");
+  EXPECT_EQ(find_checkpoint(run.path()), run.path() / "step-000001");
+
+  const fs::path bad = run.path() / "step-000001";
+  const std::vector<std::uint8_t> bytes = read_file(bad / "config.json");
+  Json j = Json::parse(bytes.begin(), bytes.end());
+  j["model"]["n_layers"] = std::int64_t{1} << 39;
+  j["train"]["model"]["n_layers"] = std::int64_t{1} << 39;
+  write_file_atomically(bad / "config.json", j.dump(2));
+  refingerprint(bad);
+  const std::string error = error_of([&] { load_checkpoint_model(bad); });
+  EXPECT_NE(error.find("model.safetensors: "), std::string::npos) << error;
+  EXPECT_NE(error.find("cannot hold the model of"), std::string::npos) << error;
+  EXPECT_NE(error_of([&] { read_checkpoint_config(bad); }).find("cannot hold the model"), std::string::npos);
+
+  fs::remove(bad / "model.safetensors");
+  EXPECT_NE(error_of([&] { read_checkpoint_config(bad); }).find("model.safetensors: missing"), std::string::npos);
+}
+
 TEST(TrainLearning, LossFallsWellBelowTheUnigramBaselineOnRepeatingBytes) {
   TrainConfig config = small_config();
   config.steps = 60;
