@@ -3,6 +3,8 @@
 // where the bench cannot run (built without CUDA, no GPU) it says why on one line and exits 1; on
 // a GPU, a small run writes its JSON. Speed itself is never asserted here.
 #include <gtest/gtest.h>
+
+#include "tests/tools/cli.h"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,21 +17,8 @@
 
 namespace {
 
-struct CliResult {
-  int exit_code;
-  std::string out;  // stdout and stderr together
-};
-
-CliResult moelab(const std::string& args) {
-  const std::string command = std::string(MOELAB_BINARY_DIR) + "/bin/moelab " + args + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return {-1, "popen failed"};
-  std::string out;
-  std::array<char, 4096> buffer{};
-  while (std::fgets(buffer.data(), buffer.size(), pipe) != nullptr) out += buffer.data();
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+using moelab_cli::CliResult;
+CliResult moelab(const std::string& args) { return moelab_cli::run(args); }
 
 // Each bad argument gives exit code 2 and one line naming the option, the value and the rule,
 // whether or not this machine has a GPU or this build has CUDA.

@@ -1,6 +1,8 @@
 // Tests of the `moelab` command line, run as a user runs it: the built binary, its exit code,
 // its stdout (JSON parsed and checked value by value) and its one-line errors.
 #include <gtest/gtest.h>
+
+#include "tests/tools/cli.h"
 #include <sys/wait.h>
 
 #include <array>
@@ -13,27 +15,10 @@
 
 namespace {
 
-struct CliResult {
-  int exit_code;
-  std::string out;  // stdout and stderr together
-};
+using moelab_cli::CliResult;
+CliResult moelab(const std::string& args) { return moelab_cli::run(args); }
+nlohmann::json moelab_json(const std::string& args) { return moelab_cli::run_json(args); }
 
-CliResult moelab(const std::string& args) {
-  const std::string command = std::string(MOELAB_BINARY_DIR) + "/bin/moelab " + args + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return {-1, "popen failed"};
-  std::string out;
-  std::array<char, 4096> buffer{};
-  while (std::fgets(buffer.data(), buffer.size(), pipe) != nullptr) out += buffer.data();
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-nlohmann::json moelab_json(const std::string& args) {
-  const CliResult r = moelab(args + " --json");
-  EXPECT_EQ(r.exit_code, 0) << r.out;
-  return nlohmann::json::parse(r.out);
-}
 
 TEST(Cli, NumericsTableListsEveryFormat) {
   const CliResult r = moelab("numerics");

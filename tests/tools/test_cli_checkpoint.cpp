@@ -5,6 +5,8 @@
 // errors. Each test trains its own run (about a second), since ctest runs every TEST on its own.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+
+#include "tests/tools/cli.h"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -27,27 +29,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct CliResult {
-  int exit_code;
-  std::string out;  // stdout and stderr together
-};
+using moelab_cli::CliResult;
+CliResult moelab(const std::string& args) { return moelab_cli::run(args); }
+nlohmann::json moelab_json(const std::string& args) { return moelab_cli::run_json(args); }
 
-CliResult moelab(const std::string& args) {
-  const std::string command = std::string(MOELAB_BINARY_DIR) + "/bin/moelab " + args + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return {-1, "popen failed"};
-  std::string out;
-  std::array<char, 4096> buffer{};
-  while (std::fgets(buffer.data(), buffer.size(), pipe) != nullptr) out += buffer.data();
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
-nlohmann::json moelab_json(const std::string& args) {
-  const CliResult r = moelab(args + " --json");
-  EXPECT_EQ(r.exit_code, 0) << r.out;
-  return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json();
-}
 
 // A corpus of the generated domains and a run of tiny_moe trained for 3 steps of 2 x 16 bytes,
 // with checkpoints after every step: DIR/corpus, DIR/run/step-00000{1,2,3}, DIR/run/latest.
