@@ -15,6 +15,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/cuda/device_testing.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -36,12 +38,6 @@
 
 namespace moelab::cuda {
 namespace {
-
-#define SKIP_WITHOUT_DEVICE()                               \
-  do {                                                      \
-    const DeviceStatus status_ = device_status();           \
-    if (!status_.available) GTEST_SKIP() << status_.reason; \
-  } while (false)
 
 constexpr double kU32 = 0x1p-24;  // fp32 unit roundoff
 
@@ -452,17 +448,6 @@ TEST(CudaCombineLayer, MatchesCombineForwardAndSharedGate) {
       }
     }
     EXPECT_EQ(failures, 0u);
-  }
-}
-
-// Runs fn, which must throw moelab::Error whose message names `field`.
-template <typename Fn>
-void expect_error_naming(Fn fn, const std::string& field) {
-  try {
-    fn();
-    ADD_FAILURE() << "no moelab::Error thrown; expected one naming " << field;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
   }
 }
 

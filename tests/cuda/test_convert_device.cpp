@@ -11,6 +11,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/cuda/device_testing.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -26,13 +28,6 @@
 
 namespace moelab::cuda {
 namespace {
-
-// Skips the calling test, saying why, when there is no usable GPU.
-#define SKIP_WITHOUT_DEVICE()                                   \
-  do {                                                          \
-    const DeviceStatus status_ = device_status();               \
-    if (!status_.available) GTEST_SKIP() << status_.reason;     \
-  } while (false)
 
 bool is_nan_bits(std::uint32_t b, Format f) {
   return classify(b, f) == ValueClass::nan;
@@ -129,17 +124,6 @@ TEST_P(CudaConvert, MatchesReferenceBitForBit) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllVersions, CudaConvert, testing::ValuesIn(all_cases()), case_name);
-
-// Runs fn, which must throw moelab::Error whose message names `field`.
-template <typename Fn>
-void expect_error_naming(Fn fn, const std::string& field) {
-  try {
-    fn();
-    ADD_FAILURE() << "no moelab::Error thrown; expected one naming " << field;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-  }
-}
 
 // The argument checks come before any CUDA call, so these run (and pass) without a GPU.
 TEST(CudaConvertArguments, RejectsFp32) {

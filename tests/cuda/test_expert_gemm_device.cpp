@@ -29,6 +29,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "tests/cuda/device_testing.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -47,13 +49,6 @@
 
 namespace moelab::cuda {
 namespace {
-
-// Skips the calling test, saying why, when there is no usable GPU.
-#define SKIP_WITHOUT_DEVICE()                               \
-  do {                                                      \
-    const DeviceStatus status_ = device_status();           \
-    if (!status_.available) GTEST_SKIP() << status_.reason; \
-  } while (false)
 
 enum class Routing { uniform, skewed, empty_experts };
 
@@ -550,16 +545,6 @@ TEST(CudaExpertGemmVersions, AgreeAndRepeat) {
 }
 
 // --- argument checks: before any CUDA call, so they run without a GPU --------------------------------
-
-template <typename Fn>
-void expect_error_naming(Fn fn, const std::string& field) {
-  try {
-    fn();
-    ADD_FAILURE() << "no moelab::Error thrown; expected one naming " << field;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-  }
-}
 
 // Device-looking pointers that are never dereferenced (every case below throws first).
 template <typename T>

@@ -15,6 +15,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "tests/cuda/device_testing.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -28,12 +30,6 @@
 
 namespace moelab::cuda {
 namespace {
-
-#define SKIP_WITHOUT_DEVICE()                               \
-  do {                                                      \
-    const DeviceStatus status_ = device_status();           \
-    if (!status_.available) GTEST_SKIP() << status_.reason; \
-  } while (false)
 
 // The preset's layer at its published conventions (E, k, groups, gates, shared experts), with
 // hidden size C and intermediate sizes H so that the CPU reference stays fast.

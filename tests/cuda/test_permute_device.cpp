@@ -14,6 +14,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/cuda/device_testing.h"
+
 #include <algorithm>
 #include <bit>
 #include <cstdint>
@@ -29,12 +31,6 @@
 
 namespace moelab::cuda {
 namespace {
-
-#define SKIP_WITHOUT_DEVICE()                               \
-  do {                                                      \
-    const DeviceStatus status_ = device_status();           \
-    if (!status_.available) GTEST_SKIP() << status_.reason; \
-  } while (false)
 
 // How the pairs are routed.
 enum class Routing {
@@ -327,17 +323,6 @@ TEST(CudaPermuteOutOfRange, SkipsBadIds) {
       const std::vector<float> gates = make_gates(static_cast<std::size_t>(T * k), 6);
       EXPECT_EQ(run_and_compare(version, prob, ids, gates, keep, ref_ids), 0u);
     }
-  }
-}
-
-// Runs fn, which must throw moelab::Error whose message names `field`.
-template <typename Fn>
-void expect_error_naming(Fn fn, const std::string& field) {
-  try {
-    fn();
-    ADD_FAILURE() << "no moelab::Error thrown; expected one naming " << field;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
   }
 }
 

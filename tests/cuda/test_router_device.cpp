@@ -27,6 +27,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/cuda/device_testing.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -47,13 +49,6 @@
 
 namespace moelab::cuda {
 namespace {
-
-// Skips the calling test, saying why, when there is no usable GPU.
-#define SKIP_WITHOUT_DEVICE()                               \
-  do {                                                      \
-    const DeviceStatus status_ = device_status();           \
-    if (!status_.available) GTEST_SKIP() << status_.reason; \
-  } while (false)
 
 constexpr double kU32 = 0x1p-24;   // float32 unit roundoff
 constexpr int kGuard = 16;         // poisoned elements after every output
@@ -729,17 +724,6 @@ TEST_P(CudaRouter, MatchesReference) {
 INSTANTIATE_TEST_SUITE_P(Presets, CudaRouter, testing::ValuesIn(all_cases()), case_name);
 
 // ---- argument checks: these throw before the device is touched, so they run without a GPU -------
-
-// Runs fn, which must throw moelab::Error whose message contains `text`.
-template <typename Fn>
-void expect_error_naming(Fn fn, const std::string& text) {
-  try {
-    fn();
-    ADD_FAILURE() << "no moelab::Error thrown; expected one naming " << text;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-  }
-}
 
 // Pointers that are never dereferenced: every call below fails a check first.
 const void* fake_input() { return reinterpret_cast<const void*>(std::uintptr_t{0x1000}); }
