@@ -15,7 +15,7 @@
 // harness writes them into a folder of its own under the temporary directory.
 //
 // Seeds (fuzz/corpus/checkpoint/) come from this file: MOELAB_FUZZ_WRITE_SEEDS=fuzz/corpus/checkpoint
-// build-fuzz/bin/fuzz_checkpoint writes them (the small checkpoint's files, intact and broken) and exits.
+// build-asan/bin/fuzz_checkpoint writes them (the small checkpoint's files, intact and broken) and exits.
 #include <unistd.h>
 
 #include <cstdint>

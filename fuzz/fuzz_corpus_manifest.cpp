@@ -14,7 +14,7 @@
 // whose inputs and targets are bytes of that split.
 //
 // Seeds (fuzz/corpus/corpus_manifest/) come from this file: MOELAB_FUZZ_WRITE_SEEDS=fuzz/corpus/corpus_manifest
-// build-fuzz/bin/fuzz_corpus_manifest writes them (the manifest and the file, intact and broken) and exits.
+// build-asan/bin/fuzz_corpus_manifest writes them (the manifest and the file, intact and broken) and exits.
 #include <unistd.h>
 
 #include <algorithm>

@@ -5,8 +5,8 @@
 // it accepts must also survive a write: serialize_safetensors takes it, the bytes parse back to
 // the same tensors, and writing those again gives the same bytes.
 //
-//   tools/fuzz.sh 60                              # builds the "fuzz" preset and runs every fuzzer
-//   build-fuzz/bin/fuzz_safetensors CORPUS_DIR    # by hand; libFuzzer's flags apply
+//   tools/fuzz.sh 60                              # builds the fuzzers of the "asan" preset and runs every fuzzer
+//   build-asan/bin/fuzz_safetensors CORPUS_DIR    # by hand; libFuzzer's flags apply
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
