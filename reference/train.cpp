@@ -473,6 +473,24 @@ Trainer::Trainer(TrainConfig config, const BatchSource& data, TrainerOptions opt
   Eigen::initParallel();
 }
 
+namespace {
+
+// logit_rms and logit_max_abs of m over the router logits of every MoE block of every output.
+void set_logit_magnitude(StepMetrics& m, const std::vector<ModelOutput>& outputs, const std::vector<int>& moe_layers) {
+  double squares = 0;
+  std::int64_t count = 0;
+  for (const ModelOutput& out : outputs)
+    for (int layer : moe_layers) {
+      const Matrix& z = out.blocks[static_cast<std::size_t>(layer)].moe.routing.logits;
+      squares += z.cast<double>().squaredNorm();
+      count += z.size();
+      if (z.size() > 0) m.logit_max_abs = std::max(m.logit_max_abs, static_cast<double>(z.cwiseAbs().maxCoeff()));
+    }
+  m.logit_rms = count > 0 ? std::sqrt(squares / static_cast<double>(count)) : 0.0;
+}
+
+}  // namespace
+
 StepMetrics Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
   const std::int64_t s = step_;
@@ -559,6 +577,7 @@ StepMetrics Trainer::step() {
     r.load.push_back(std::move(load));
   }
   r.dropped_fraction = routed > 0 ? static_cast<double>(dropped) / static_cast<double>(routed) : 0.0;
+  set_logit_magnitude(r, outputs_, r.moe_layers);
 
   if (model_.moe_layout != MoeLayout::dense && model_.moe.routing.use_selection_bias) {
     std::optional<StampingObserver> stamp;
@@ -1130,6 +1149,8 @@ void emit_metrics(Observer& observer, const StepMetrics& m, std::int64_t tokens_
                         {"tokens_per_second", m.tokens_per_second},
                         {"load_imbalance", m.load_imbalance},
                         {"dropped_fraction", m.dropped_fraction},
+                        {"logit_rms", m.logit_rms},
+                        {"logit_max_abs", m.logit_max_abs},
                         {"tokens", static_cast<double>(tokens_seen)}};
   observer.on_event(Event{.name = events::train_step,
                           .step = m.step,

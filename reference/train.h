@@ -186,6 +186,10 @@ struct StepMetrics {
   std::vector<std::vector<std::int64_t>> load{};       // (MoE blocks) (E) token-expert pairs per expert
   double load_imbalance = 0;     // max over MoE blocks of max load / mean load (1 = even; 0 dense)
   double dropped_fraction = 0;   // pairs dropped by capacity / pairs routed, over all MoE blocks
+  // Router logits of every MoE block and micro-batch: sqrt(mean z^2) and max |z| (what z-loss
+  // keeps small: Zoph et al. 2022, "ST-MoE"). 0 for a dense model.
+  double logit_rms = 0;
+  double logit_max_abs = 0;
 };
 
 struct EvalMetrics {

@@ -533,6 +533,42 @@ TEST(TrainBalance, ModesChangeWhatTheyShould) {
             std::string::npos);
 }
 
+// logit_rms and logit_max_abs are those of the router logits the step's forward passes reported
+// (every MoE block, every micro-batch), and a dense model has none.
+TEST(TrainMetrics, LogitMagnitudeIsThatOfTheStepsRouterLogits) {
+  const RepeatingSource data(4, 16, 7);
+  TrainConfig config = small_config("switch");  // MoE in block 1 only
+  config.steps = 2;
+  MemoryRecorder logits({events::router_logits});
+  Trainer trainer(config, data, {.events = &logits});
+  trainer.step();
+  logits.clear();
+  const StepMetrics m = trainer.step();
+  ASSERT_EQ(logits.count(events::router_logits), 2u);  // one MoE block x 2 micro-batches
+  double squares = 0, max_abs = 0;
+  std::size_t n = 0;
+  for (const RecordedEvent& e : logits.events())
+    for (double z : e.values) {
+      squares += z * z;
+      max_abs = std::max(max_abs, std::abs(z));
+      ++n;
+    }
+  ASSERT_EQ(n, 2u * 2 * 16 * static_cast<std::size_t>(config.model.moe.num_experts()));
+  EXPECT_GT(m.logit_max_abs, 0.0);
+  EXPECT_DOUBLE_EQ(m.logit_max_abs, max_abs);
+  EXPECT_NEAR(m.logit_rms, std::sqrt(squares / static_cast<double>(n)), 1e-12 * m.logit_rms);
+  EXPECT_LT(m.logit_rms, m.logit_max_abs);
+
+  TrainConfig dense = small_config();
+  dense.model = small_model("mixtral");
+  dense.model.moe_layout = MoeLayout::dense;
+  dense.steps = 1;
+  Trainer d(dense, data);
+  const StepMetrics md = d.step();
+  EXPECT_EQ(md.logit_rms, 0.0);
+  EXPECT_EQ(md.logit_max_abs, 0.0);
+}
+
 TEST(TrainMetrics, JsonLinesParseBackAndAResumedRunContinuesThem) {
   TrainConfig config = small_config();
   config.steps = 4;
