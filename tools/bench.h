@@ -1,5 +1,6 @@
 // moelab/tools/bench.h — `moelab bench`: what tools/cmd_bench.cpp (the command line, checks,
-// output) hands to tools/bench_cuda.cpp (the measurements on the GPU; built only with CUDA).
+// output) hands to tools/bench_model.cpp (the CPU training step) and tools/bench_cuda.cpp (the
+// measurements on the GPU; built only with CUDA).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -31,6 +32,17 @@ struct CudaBenchOptions {
   std::uint64_t seed = 0;
 };
 inline constexpr Index kMaxBenchTokens = 262'144;
+
+// `moelab bench --model NAME`: the CPU reference's training step and MoE layer (bench_model.cpp).
+struct ModelBenchOptions {
+  std::string model = "tiny_moe";  // model_config's name
+  int threads = 0;                 // of the train step (0: every core); the layer runs on one
+  int warmup = 2;                  // untimed runs first
+  int repeats = 10;                // timed runs: the median is reported
+  std::uint64_t seed = 0;
+};
+// Measures, printing a table on stdout, and fills `doc` with everything measured.
+void run_model_bench(const ModelBenchOptions& options, nlohmann::ordered_json& doc);
 
 // "" if `moelab bench --impl cuda` can run here, else why not ("no CUDA device: ...").
 std::string cuda_bench_unavailable();

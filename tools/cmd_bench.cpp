@@ -10,12 +10,17 @@
 // version combinations; with the baselines (default on) the experts and the layer with cuBLAS (a
 // per-expert loop and the grouped GEMM) and the ratio of the times. docs/perf.md explains the
 // method; tools/bench_cuda.cpp does the measuring.
-// (A CPU --model mode, the training step of a preset's tiny model, will sit beside --impl: see
-// run_bench.)
+//
+//   moelab bench --model tiny_moe [--threads N] [--warmup W] [--repeats R] [--json FILE] [--seed S]
+//
+// --model times the CPU reference on the tiny language model (tools/bench_model.cpp): the median
+// training step (tokens/s) and one MoE layer's forward and forward+backward;
+// tools/bench_torch_model.py times the same in PyTorch.
 //
 // Exit codes: 0 measured; 1 --impl cuda cannot run here (built without CUDA, no GPU: one line on
 // stderr says which) or a check before the timing failed; 2 bad input.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -26,6 +31,7 @@
 
 #include "reference/error.h"
 #include "reference/files.h"
+#include "reference/model.h"
 #include "reference/presets.h"
 #include "tools/bench.h"
 #include "tools/commands.h"
@@ -36,8 +42,11 @@ namespace {
 using json = nlohmann::ordered_json;
 
 struct BenchOptions {
-  std::string impl;  // "cuda": the MoE layer forward on the GPU
-  // --model (issue 6) goes here: the CPU training step of a preset's tiny model.
+  std::string impl;   // "cuda": the MoE layer forward on the GPU
+  std::string model;  // or the CPU training step of this model (model_config's names)
+  int threads = 0;
+  int warmup = 2;
+  int repeats = 10;
   std::vector<std::string> shapes{"mixtral", "deepseek_v3", "qwen3_30b_a3b", "olmoe"};
   std::vector<Index> tokens{1, 16, 128, 4096, 16384};
   std::string routing = "uniform";
@@ -109,9 +118,28 @@ void run_cuda(const BenchOptions& o) {
 #endif
 }
 
+void run_model(const BenchOptions& o) {
+  const std::vector<std::string> names = model_config_names();
+  require(std::find(names.begin(), names.end(), o.model) != names.end(), "--model", o.model,
+          fmt::format("must be one of {}", fmt::join(names, ", ")));
+  require(o.threads >= 0 && o.threads <= 256, "--threads", o.threads, "must be in [0, 256] (0: every core)");
+  require(o.warmup >= 0 && o.warmup <= 1000, "--warmup", o.warmup, "must be in [0, 1000]");
+  require(o.repeats >= 1 && o.repeats <= 10'000, "--repeats", o.repeats, "must be in [1, 10000]");
+  json doc;
+  run_model_bench({.model = o.model, .threads = o.threads, .warmup = o.warmup, .repeats = o.repeats, .seed = o.seed},
+                  doc);
+  if (!o.json_path.empty()) {
+    write_file_atomically(o.json_path, doc.dump(1) + "\n");
+    fmt::print("wrote {}\n", o.json_path);
+  }
+}
+
 void run_bench(const BenchOptions& o) {
-  // One mode per run: --impl cuda now; --model NAME (the CPU training step) will be the other.
-  require(!o.impl.empty(), "--impl", "(missing)", "is required: cuda (the MoE layer forward on the GPU)");
+  // One mode per run: --impl cuda (the layer on the GPU) or --model NAME (the CPU training step).
+  require(o.impl.empty() || o.model.empty(), "--model", o.model, "cannot go with --impl: one mode per run");
+  if (!o.model.empty()) return run_model(o);
+  require(!o.impl.empty(), "--impl", "(missing)",
+          "is required unless --model is given: cuda (the MoE layer forward on the GPU)");
   require(o.impl == "cuda", "--impl", o.impl, "must be cuda (the MoE layer forward on the GPU)");
   run_cuda(o);
 }
@@ -122,6 +150,12 @@ void add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* cmd = app.add_subcommand("bench", "Time an MoE layer at the published sizes, with its roofline and baselines");
   cmd->add_option("--impl", o->impl, "what to time: cuda (the layer forward of cuda/moe.h on the GPU)");
+  cmd->add_option("--model", o->model,
+                  "or time the CPU reference training this model: tiny_moe, tiny_dense or a preset name (a train "
+                  "step, and one MoE layer's forward and backward)");
+  cmd->add_option("--threads", o->threads, "--model: threads of the train step (default 0: every core)");
+  cmd->add_option("--warmup", o->warmup, "--model: untimed runs first (default 2)");
+  cmd->add_option("--repeats", o->repeats, "--model: timed runs, the median is reported (default 10)");
   cmd->add_option("--shape", o->shapes,
                   "layers, comma-separated: mixtral, deepseek_v3, qwen3_30b_a3b, olmoe or preset names (default all four)")
       ->delimiter(',');

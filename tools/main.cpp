@@ -11,6 +11,7 @@
 //   moelab corpus --out DIR [--max-domain-bytes N] [--val-percent P] [--seed S] [--json]
 //   moelab train [--preset NAME] [--balance B] [--steps N] [--seed S] [--out DIR] [--resume DIR] [--json]
 //   moelab bench --impl cuda [--shape S,...] [--tokens T,...] [--routing uniform|skewed] [--versions] [--json FILE]
+//   moelab bench --model tiny_moe [--threads N] [--repeats R] [--json FILE]
 //   moelab analyze --checkpoint DIR [--split val|train] [--batches N] [--compare DIR2] [--json]
 //
 // Exit codes: 0 success, 1 a check failed (moelab check) or `moelab bench --impl cuda` cannot run here,

@@ -27,7 +27,12 @@ TEST(BenchCli, BadInputIsOneLineAndExitCode2) {
     const char* args;
     const char* message;
   } cases[] = {
-      {"bench", "moelab bench: error: --impl = (missing): is required: cuda"},
+      {"bench", "moelab bench: error: --impl = (missing): is required unless --model is given: cuda"},
+      {"bench --model tiny_moe --impl cuda", "--model = tiny_moe: cannot go with --impl"},
+      {"bench --model tiny", "--model = tiny: must be one of tiny_moe, tiny_dense, switch"},
+      {"bench --model tiny_moe --repeats 0", "--repeats = 0: must be in [1, 10000]"},
+      {"bench --model tiny_moe --warmup -1", "--warmup = -1: must be in [0, 1000]"},
+      {"bench --model tiny_moe --threads 1000", "--threads = 1000: must be in [0, 256]"},
       {"bench --impl tpu", "--impl = tpu: must be cuda"},
       {"bench --impl cuda --shape nope", "--shape = nope: must be mixtral, deepseek_v3, qwen3_30b_a3b, olmoe or a preset"},
       {"bench --impl cuda --shape olmoe,mixtra", "--shape = mixtra:"},
@@ -92,6 +97,30 @@ TEST(BenchCli, WithoutAGpuSaysWhyElseWritesJson) {
   EXPECT_GT(row["timing"]["median_us"].get<double>(), 0.0);
   EXPECT_LE(row["load"]["distinct_experts"].get<double>(), 8.0);  // T = 1: k = 8 experts at most
   EXPECT_EQ(row["work"]["routed_flops"].get<double>(), 2.0 * 1 * 8 * 3 * 2048 * 1024);
+  std::remove(path.c_str());
+}
+
+
+// --model runs anywhere: one timed train step of the tiny model and one MoE layer forward and
+// backward, written as JSON with the sizes moelab train prints. Only that the times are there and
+// positive is asserted, never how fast.
+TEST(BenchCli, ModelBenchWritesItsMeasurements) {
+  const std::string path = testing::TempDir() + "moelab_bench_model.json";
+  std::remove(path.c_str());
+  const CliResult r = moelab("bench --model tiny_moe --warmup 0 --repeats 1 --threads 1 --json " + path);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("tiny_moe: 887360 parameters, 281152 active per token"), std::string::npos) << r.out;
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  const nlohmann::json doc = nlohmann::json::parse(in);
+  EXPECT_EQ(doc["model"], "tiny_moe");
+  EXPECT_EQ(doc["threads"], 1);
+  EXPECT_EQ(doc["train_step"]["tokens"], 16 * 128);
+  EXPECT_GT(doc["train_step"]["tokens_per_second"].get<double>(), 0.0);
+  EXPECT_EQ(doc["moe_layer"]["tokens"], 16 * 128 / 2);
+  EXPECT_GT(doc["moe_layer"]["forward"]["median_seconds"].get<double>(), 0.0);
+  EXPECT_GT(doc["moe_layer"]["forward_backward"]["median_seconds"].get<double>(),
+            doc["moe_layer"]["forward"]["min_seconds"].get<double>() * 0.5);
   std::remove(path.c_str());
 }
 
