@@ -215,10 +215,16 @@ void expert_forward(MatrixT<Scalar>& y, ExpertCacheT<Scalar>& cache, const Matri
     }
   }
 
-  y.resize(n, C);
-  y.noalias() = cache.hidden * params.w_down.transpose();  // (n, H) (H, C)
-  if (config.use_bias) y.rowwise() += params.b_down.transpose();
+  expert_down_projection(y, cache.hidden, params, config);
   emit_hidden(observer, cache, config);
+}
+
+template <typename Scalar>
+void expert_down_projection(MatrixT<Scalar>& y, const MatrixT<Scalar>& hidden, const ExpertParamsT<Scalar>& params,
+                            const ExpertConfig& config) {
+  y.resize(hidden.rows(), config.hidden_size);
+  y.noalias() = hidden * params.w_down.transpose();  // (n, H) (H, C)
+  if (config.use_bias) y.rowwise() += params.b_down.transpose();
 }
 
 template <typename Scalar>
@@ -429,6 +435,8 @@ void shared_gate_backward(MatrixT<Scalar>& dx, MatrixT<Scalar>& dw, MatrixT<Scal
 #define MOELAB_INSTANTIATE_EXPERTS(Scalar)                                                          \
   template void expert_forward<Scalar>(MatrixT<Scalar>&, ExpertCacheT<Scalar>&, const MatrixT<Scalar>&, \
                                        const ExpertParamsT<Scalar>&, const ExpertConfig&, Observer*); \
+  template void expert_down_projection<Scalar>(MatrixT<Scalar>&, const MatrixT<Scalar>&,             \
+                                               const ExpertParamsT<Scalar>&, const ExpertConfig&);  \
   template void expert_backward<Scalar>(MatrixT<Scalar>&, ExpertParamsT<Scalar>&, const MatrixT<Scalar>&, \
                                         const ExpertCacheT<Scalar>&, const MatrixT<Scalar>&,         \
                                         const ExpertParamsT<Scalar>&, const ExpertConfig&);          \

@@ -93,6 +93,14 @@ void expert_forward(MatrixT<Scalar>& y, ExpertCacheT<Scalar>& cache, const Matri
                     const ExpertParamsT<Scalar>& params, const ExpertConfig& config,
                     Observer* observer = nullptr);
 
+// The last step of expert_forward on its own: y = h Wd^T (+ bd). The MoE layer redoes it when a
+// fault hook (fault_hook.h) has changed h.
+//   y:      (n, C) out, resized
+//   hidden: (n, H) in
+template <typename Scalar>
+void expert_down_projection(MatrixT<Scalar>& y, const MatrixT<Scalar>& hidden, const ExpertParamsT<Scalar>& params,
+                            const ExpertConfig& config);
+
 // With G = dy, dh = G Wd, and a, g, u the cached pre-activations:
 //   dparams.w_down = G^T h                         (C, H)     dparams.b_down = sum_rows G    (C)
 //   swiglu:          dg = dh * u * silu'(g),  du = dh * silu(g)

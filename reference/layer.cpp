@@ -67,6 +67,16 @@ MatrixT<Scalar> expert_rows(const MatrixT<Scalar>& m, const Dispatch& plan, Inde
   return m.middleRows(plan.offsets[e], plan.offsets[e + 1] - plan.offsets[e]);
 }
 
+// Expert e's rows of the plan, as a fault hook sees them.
+FaultTarget rows_of(FaultSite site, const Dispatch& plan, Index e) {
+  const std::size_t first = static_cast<std::size_t>(plan.offsets[e]);
+  const std::size_t n = static_cast<std::size_t>(plan.offsets[e + 1] - plan.offsets[e]);
+  return {.site = site,
+          .expert = static_cast<int>(e),
+          .row_token = std::span<const std::int32_t>(plan.row_token).subspan(first, n),
+          .row_slot = std::span<const std::int32_t>(plan.row_slot).subspan(first, n)};
+}
+
 template <typename Scalar>
 ExpertParamsT<Scalar> zeros_like(const ExpertParamsT<Scalar>& p) {
   ExpertParamsT<Scalar> z;
@@ -153,7 +163,7 @@ void combine_backward(MatrixT<Scalar>& dexpert_out, VectorT<Scalar>& drow_weight
 template <typename Scalar>
 void moe_layer_forward(LayerOutputT<Scalar>& out, const MatrixT<Scalar>& x, std::span<const std::int32_t> token_ids,
                        const LayerParamsT<Scalar>& params, const LayerConfig& config, Rng* rng, Observer* observer,
-                       std::span<const Index> sequence_lengths) {
+                       std::span<const Index> sequence_lengths, FaultHook* faults) {
   config.validate();
   require_param_counts(config, params.experts.size(), params.shared.size(), params.shared_gate.rows(),
                        params.shared_gate.cols());
@@ -161,7 +171,7 @@ void moe_layer_forward(LayerOutputT<Scalar>& out, const MatrixT<Scalar>& x, std:
   const bool ec = config.routing.expert_choice();
 
   Clock::time_point start = Clock::now();
-  route_forward(out.routing, x, token_ids, params.routing, config.routing, rng, observer, sequence_lengths);
+  route_forward(out.routing, x, token_ids, params.routing, config.routing, rng, observer, sequence_lengths, faults);
   out.aux_loss = out.routing.aux_loss;
   out.z_loss = out.routing.z_loss;
   const double t_routing = seconds_since(start);
@@ -187,8 +197,12 @@ void moe_layer_forward(LayerOutputT<Scalar>& out, const MatrixT<Scalar>& x, std:
     MatrixT<Scalar> y_e;
     expert_forward(y_e, out.expert_cache[e], expert_rows(out.expert_in, out.plan, e), params.experts[e], config.expert,
                    observer);
+    if (apply_fault_hook(faults, rows_of(FaultSite::expert_activations, out.plan, e), out.expert_cache[e].hidden))
+      expert_down_projection(y_e, out.expert_cache[e].hidden, params.experts[e], config.expert);  // from the changed h
     out.expert_out.middleRows(out.plan.offsets[e], y_e.rows()) = y_e;
   }
+  apply_fault_hook(faults, {.site = FaultSite::expert_outputs, .row_token = out.plan.row_token,
+                            .row_slot = out.plan.row_slot}, out.expert_out);
   const double t_experts = seconds_since(start);
 
   // Combine: y_t = sum over t's rows r of (g_r) expert_out_r   (+ shared experts), in Scalar.
@@ -211,6 +225,7 @@ void moe_layer_forward(LayerOutputT<Scalar>& out, const MatrixT<Scalar>& x, std:
   } else {
     out.y += shared_sum;
   }
+  apply_fault_hook(faults, {.site = FaultSite::combine_output}, out.y);
   const double t_combine = seconds_since(start);
 
   emit(observer, [&](Observer& o) {
@@ -349,7 +364,8 @@ LayerParamsT<Scalar> upcycle(const ExpertParamsT<Scalar>& dense_ffn, const Layer
 #define MOELAB_INSTANTIATE(Scalar)                                                                                 \
   template void moe_layer_forward<Scalar>(LayerOutputT<Scalar>&, const MatrixT<Scalar>&,                          \
                                           std::span<const std::int32_t>, const LayerParamsT<Scalar>&,             \
-                                          const LayerConfig&, Rng*, Observer*, std::span<const Index>);           \
+                                          const LayerConfig&, Rng*, Observer*, std::span<const Index>,            \
+                                          FaultHook*);                                                            \
   template void moe_layer_backward<Scalar>(LayerGradsT<Scalar>&, const MatrixT<Scalar>&, const LayerOutputT<Scalar>&, \
                                            const MatrixT<Scalar>&, const LayerParamsT<Scalar>&, const LayerConfig&, \
                                            Scalar, std::span<const Index>);                                       \

@@ -26,6 +26,7 @@
 #include "reference/capacity.h"
 #include "reference/dispatch.h"
 #include "reference/experts.h"
+#include "reference/fault_hook.h"
 #include "reference/observer.h"
 #include "reference/random.h"
 #include "reference/routing.h"
@@ -111,11 +112,13 @@ void combine_backward(MatrixT<Scalar>& dexpert_out, VectorT<Scalar>& drow_weight
                       std::span<const std::int32_t> row_token);
 
 // token_ids, sequence_lengths and rng as for route_forward. Emits every stage's events, plus
-// events::timing with the seconds of each stage.
+// events::timing with the seconds of each stage. `faults` (fault_hook.h; null by default) is handed
+// every intermediate that the table there lists, and route_forward's.
 template <typename Scalar>
 void moe_layer_forward(LayerOutputT<Scalar>& out, const MatrixT<Scalar>& x, std::span<const std::int32_t> token_ids,
                        const LayerParamsT<Scalar>& params, const LayerConfig& config, Rng* rng,
-                       Observer* observer = nullptr, std::span<const Index> sequence_lengths = {});
+                       Observer* observer = nullptr, std::span<const Index> sequence_lengths = {},
+                       FaultHook* faults = nullptr);
 
 // The gradient of sum(dy * y) + loss_scale * (aux_loss + z_loss) with respect to x and every
 // parameter (router, routed experts, shared experts, shared gate). The selection bias gets none.

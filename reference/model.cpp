@@ -620,9 +620,10 @@ void check_params(const ModelParamsT<Scalar>& p, const ModelConfig& c) {
 // The FFN half's function: dense SwiGLU, or the MoE layer (which keeps its routing in c.moe).
 template <typename Scalar>
 void ffn_forward(MatrixT<Scalar>& y, BlockCacheT<Scalar>& c, const BlockParamsT<Scalar>& p, const BlockContext& ctx,
-                 Index layer, Rng* rng, Observer* observer) {
+                 Index layer, Rng* rng, Observer* observer, FaultHook* faults) {
   if (ctx.config.is_moe(layer)) {
-    moe_layer_forward(c.moe, c.ffn_in, ctx.ids, p.moe, ctx.config.moe, rng, observer, ctx.sequence_lengths);
+    moe_layer_forward(c.moe, c.ffn_in, ctx.ids, p.moe, ctx.config.moe, rng, observer, ctx.sequence_lengths,
+                      faults != nullptr && faults->acts_on(layer) ? faults : nullptr);
     y = c.moe.y;
   } else {
     expert_forward(y, c.dense, c.ffn_in, p.dense, ctx.config.dense_ffn(), observer);
@@ -632,7 +633,7 @@ void ffn_forward(MatrixT<Scalar>& y, BlockCacheT<Scalar>& c, const BlockParamsT<
 // y = h + ffn(post_attention_layernorm(h)),  h = x + attention(input_layernorm(x)),  x = c.x
 template <typename Scalar>
 void block_forward(MatrixT<Scalar>& y, BlockCacheT<Scalar>& c, const BlockParamsT<Scalar>& p, const BlockContext& ctx,
-                   Index layer, Rng* rng, Observer* observer) {
+                   Index layer, Rng* rng, Observer* observer, FaultHook* faults) {
   const RMSNormConfig norm = ctx.config.norm();
   rmsnorm_forward(c.attn_in, c.attn_norm, c.x, p.attn_norm, norm);
   MatrixT<Scalar> attn_out;
@@ -642,7 +643,7 @@ void block_forward(MatrixT<Scalar>& y, BlockCacheT<Scalar>& c, const BlockParams
   std::optional<StampingObserver> stamp;
   if (observer != nullptr) stamp.emplace(*observer, static_cast<int>(layer));
   MatrixT<Scalar> ffn_out;
-  ffn_forward(ffn_out, c, p, ctx, layer, rng, stamp ? &*stamp : nullptr);
+  ffn_forward(ffn_out, c, p, ctx, layer, rng, stamp ? &*stamp : nullptr, faults);
   y = c.h + ffn_out;
 }
 
@@ -691,7 +692,8 @@ void block_backward(MatrixT<Scalar>& dx, BlockParamsT<Scalar>& g, const BlockCac
 
 template <typename Scalar>
 void model_forward(ModelOutputT<Scalar>& out, std::span<const std::int32_t> ids, Index batch_size, Index seq_len,
-                   const ModelParamsT<Scalar>& params, const ModelConfig& config, Rng* rng, Observer* observer) {
+                   const ModelParamsT<Scalar>& params, const ModelConfig& config, Rng* rng, Observer* observer,
+                   FaultHook* faults) {
   config.validate();
   check_params(params, config);
   require(batch_size >= 1, "batch_size", batch_size, "must be positive");
@@ -712,7 +714,7 @@ void model_forward(ModelOutputT<Scalar>& out, std::span<const std::int32_t> ids,
   for (Index i = 0; i < config.n_layers; ++i) {
     BlockCacheT<Scalar>& c = out.blocks[static_cast<std::size_t>(i)];
     c.x = std::move(x);
-    block_forward(x, c, params.blocks[static_cast<std::size_t>(i)], ctx, i, rng, observer);
+    block_forward(x, c, params.blocks[static_cast<std::size_t>(i)], ctx, i, rng, observer, faults);
     if (config.is_moe(i)) {
       out.aux_loss += c.moe.aux_loss;
       out.z_loss += c.moe.z_loss;
@@ -788,7 +790,8 @@ void model_update_bias(ModelParamsT<Scalar>& params, const ModelOutputT<Scalar>&
   template std::vector<ConstNamedParamT<Scalar>> model_buffers<Scalar>(const ModelParamsT<Scalar>&,               \
                                                                        const ModelConfig&);                       \
   template void model_forward<Scalar>(ModelOutputT<Scalar>&, std::span<const std::int32_t>, Index, Index,        \
-                                      const ModelParamsT<Scalar>&, const ModelConfig&, Rng*, Observer*);          \
+                                      const ModelParamsT<Scalar>&, const ModelConfig&, Rng*, Observer*,           \
+                                      FaultHook*);                                                                \
   template ModelLossT<Scalar> model_loss<Scalar>(const ModelOutputT<Scalar>&, std::span<const std::int32_t>);    \
   template void model_backward<Scalar>(ModelGradsT<Scalar>&, const ModelOutputT<Scalar>&,                        \
                                        std::span<const std::int32_t>, const ModelParamsT<Scalar>&,               \

@@ -35,6 +35,7 @@
 #include "reference/accounting.h"
 #include "reference/config_json.h"
 #include "reference/experts.h"
+#include "reference/fault_hook.h"
 #include "reference/layer.h"
 #include "reference/observer.h"
 #include "reference/optim.h"
@@ -230,11 +231,12 @@ using ModelOutput = ModelOutputT<float>;
 //   out:    out, overwritten (its buffers reused)
 //   ids:    (N = B*T) in, sequence-major, each in [0, V) (else Error naming the position)
 //   rng:    needed by routers with noise (switch's jitter) while training; may be null otherwise
+//   faults: a fault hook (fault_hook.h), handed to the MoE layer of every block it acts_on; null by default
 // Emits every MoE stage's events (and the dense FFN's expert_hidden) with layer = block index.
 template <typename Scalar>
 void model_forward(ModelOutputT<Scalar>& out, std::span<const std::int32_t> ids, Index batch_size, Index seq_len,
                    const ModelParamsT<Scalar>& params, const ModelConfig& config, Rng* rng = nullptr,
-                   Observer* observer = nullptr);
+                   Observer* observer = nullptr, FaultHook* faults = nullptr);
 
 template <typename Scalar>
 struct ModelLossT {

@@ -232,12 +232,19 @@ void add_loss_gradients(MatrixT<Scalar>& dlogits, MatrixT<Scalar>& dscores, cons
 template <typename Scalar>
 void route_forward(RoutingOutputT<Scalar>& out, const MatrixT<Scalar>& x, std::span<const std::int32_t> token_ids,
                    const RoutingParamsT<Scalar>& params, const RoutingConfig& config, Rng* rng, Observer* observer,
-                   std::span<const Index> sequence_lengths) {
+                   std::span<const Index> sequence_lengths, FaultHook* faults) {
   config.validate();
   const Index E = config.num_experts();
   require(!config.use_selection_bias || params.selection_bias.size() == E, "selection_bias.size()",
           params.selection_bias.size(), fmt::format("must equal num_experts = {}", E));
-  router_forward(out.logits, out.router_cache, x, params.router, config.router, rng, observer);
+  MatrixT<Scalar> x_router;  // the router's own copy of x, made only for a fault hook
+  if (faults != nullptr) {
+    x_router = x;
+    apply_fault_hook(faults, {.site = FaultSite::router_input}, x_router);
+  }
+  router_forward(out.logits, out.router_cache, faults != nullptr ? x_router : x, params.router, config.router, rng,
+                 observer);
+  apply_fault_hook(faults, {.site = FaultSite::router_logits}, out.logits);
   score_forward(out.scores, out.logits, config.scoring, observer);
   select(out.ids, ranks_logits(config) ? out.logits : out.scores, token_ids,
          config.use_selection_bias ? &params.selection_bias : nullptr, config, observer);
@@ -248,6 +255,7 @@ void route_forward(RoutingOutputT<Scalar>& out, const MatrixT<Scalar>& x, std::s
     out.load.assign(static_cast<std::size_t>(E), out.ids.cols());
   } else {
     gating_forward(out.gates, out.logits, out.scores, out.ids, config.gating, observer);
+    apply_fault_hook(faults, {.site = FaultSite::gate_values}, out.gates);
     out.load = expert_load(out.ids, static_cast<int>(E));
   }
   add_losses(out, config, sequence_lengths, observer);
@@ -281,7 +289,8 @@ void route_backward(MatrixT<Scalar>& dx, RouterParamsT<Scalar>& dparams, const M
 #define MOELAB_INSTANTIATE(Scalar)                                                                              \
   template void route_forward<Scalar>(RoutingOutputT<Scalar>&, const MatrixT<Scalar>&,                         \
                                       std::span<const std::int32_t>, const RoutingParamsT<Scalar>&,            \
-                                      const RoutingConfig&, Rng*, Observer*, std::span<const Index>);          \
+                                      const RoutingConfig&, Rng*, Observer*, std::span<const Index>,           \
+                                      FaultHook*);                                                             \
   template void route_backward<Scalar>(MatrixT<Scalar>&, RouterParamsT<Scalar>&, const MatrixT<Scalar>&,      \
                                        const RoutingOutputT<Scalar>&, const MatrixT<Scalar>&,                  \
                                        const RoutingParamsT<Scalar>&, const RoutingConfig&, Scalar,            \

@@ -19,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "reference/fault_hook.h"
 #include "reference/gating.h"
 #include "reference/observer.h"
 #include "reference/random.h"
@@ -87,11 +88,13 @@ using RoutingOutput = RoutingOutputT<float>;
 
 // Routes T tokens. token_ids (T) are needed by hash and table selection only (may be empty
 // otherwise); sequence_lengths (summing to T) by the deepseek_v3_sequence loss only (empty = one
-// sequence). rng is needed when the router adds noise.
+// sequence). rng is needed when the router adds noise. `faults` (fault_hook.h; null by default) is
+// handed the router's copy of x, the logits and the gates (token choice).
 template <typename Scalar>
 void route_forward(RoutingOutputT<Scalar>& out, const MatrixT<Scalar>& x, std::span<const std::int32_t> token_ids,
                    const RoutingParamsT<Scalar>& params, const RoutingConfig& config, Rng* rng,
-                   Observer* observer = nullptr, std::span<const Index> sequence_lengths = {});
+                   Observer* observer = nullptr, std::span<const Index> sequence_lengths = {},
+                   FaultHook* faults = nullptr);
 
 // Backpropagates dgates (same shape as out.gates) and the losses (d aux_loss = d z_loss = 1 times
 // loss_scale, i.e. the layer's total loss is sum(w * gates) + loss_scale * (aux + z)) to the

@@ -123,18 +123,6 @@ void print_route(const RouteOptions& o) {
 
 inline constexpr Index kMaxTextBytes = 4096;  // attention is (T, T): a page of text, not a book
 
-// A byte as a reader recognises it: the character for printable ASCII, else a C escape.
-std::string shown_byte(std::uint8_t b) {
-  switch (b) {
-    case '\n': return "\\n";
-    case '\t': return "\\t";
-    case '\r': return "\\r";
-    case '\\': return "\\\\";
-    default: break;
-  }
-  if (b >= 0x20 && b < 0x7f) return std::string(1, static_cast<char>(b));
-  return fmt::format("\\x{:02x}", b);
-}
 
 // One token's experts in one MoE block, first choice first, with their gates; kept = false for a
 // pair that capacity dropped (its expert never saw the token).
@@ -298,6 +286,18 @@ void add_route_command(CLI::App& app) {
       if (option->count() > 0) o->given.push_back(option->get_name());
     run_route(*o);
   });
+}
+
+std::string shown_byte(std::uint8_t b) {
+  switch (b) {
+    case '\n': return "\\n";
+    case '\t': return "\\t";
+    case '\r': return "\\r";
+    case '\\': return "\\\\";
+    default: break;
+  }
+  if (b >= 0x20 && b < 0x7f) return std::string(1, static_cast<char>(b));
+  return fmt::format("\\x{:02x}", b);
 }
 
 }  // namespace moelab::tools

@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <string>
 
 #include "reference/corpus.h"
@@ -26,6 +27,7 @@ void add_corpus_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 void add_analyze_command(CLI::App& app);
+void add_sdc_command(CLI::App& app);
 
 // The corpus of `moelab train` and `moelab analyze` (defined in cmd_corpus.cpp): read_corpus(dir),
 // or, when `dir` is the default (not given) and holds no manifest.json, the generated domains
@@ -36,5 +38,9 @@ struct LoadedCorpus {
   std::string message;    // why, and how to build one; empty unless fallback
 };
 LoadedCorpus load_corpus_or_generated(const std::string& dir, bool dir_given);
+
+// A byte as a reader recognises it (defined in cmd_route.cpp; `route` and `sdc --trace` print
+// texts byte by byte): the character for printable ASCII, else a C escape ("\\n", "\\x1e").
+std::string shown_byte(std::uint8_t b);
 
 }  // namespace moelab::tools

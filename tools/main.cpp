@@ -13,6 +13,8 @@
 //   moelab bench --impl cuda [--shape S,...] [--tokens T,...] [--routing uniform|skewed] [--versions] [--json FILE]
 //   moelab bench --model tiny_moe [--threads N] [--repeats R] [--json FILE]
 //   moelab analyze --checkpoint DIR [--split val|train] [--batches N] [--compare DIR2] [--json]
+//   moelab sdc --checkpoint DIR|random [--site S,...] [--bits B,...] [--dtype D,...] [--trials N] [--lockstep] [--json]
+//   moelab sdc --checkpoint DIR|random --trace --site S --dtype D --bit N --text TEXT [--json]
 //
 // Exit codes: 0 success, 1 a check failed (moelab check) or `moelab bench --impl cuda` cannot run here,
 // 2 bad input (one line on stderr naming the problem).
@@ -38,6 +40,7 @@ int main(int argc, char** argv) {
   moelab::tools::add_train_command(app);
   moelab::tools::add_bench_command(app);
   moelab::tools::add_analyze_command(app);
+  moelab::tools::add_sdc_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::RuntimeError& e) {  // a command's own exit code (moelab check: 1 = a case failed)
