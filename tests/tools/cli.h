@@ -35,4 +35,11 @@ inline nlohmann::json run_json(const std::string& args) {
   return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json();
 }
 
+// A small corpus of the generated domains only (an empty --root: no Debian files), 8 KiB per
+// domain, written by `moelab corpus` into `out`. `empty_root` must be an existing empty folder.
+// Returns the command's result; callers ASSERT its exit code.
+inline CliResult make_small_corpus(const std::string& out, const std::string& empty_root) {
+  return run("corpus --out " + out + " --root " + empty_root + " --max-domain-bytes 8192 --json");
+}
+
 }  // namespace moelab_cli

@@ -42,8 +42,7 @@ class CheckpointCli : public ::testing::Test {
     dir_ = fs::temp_directory_path() / ("moelab_test_cli_checkpoint_" + std::to_string(::getpid()));
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "empty_root");
-    const CliResult corpus = moelab("corpus --out " + corpus_dir() + " --root " + (dir_ / "empty_root").string() +
-                                    " --max-domain-bytes 8192 --json");
+    const CliResult corpus = moelab_cli::make_small_corpus(corpus_dir(), (dir_ / "empty_root").string());
     ASSERT_EQ(corpus.exit_code, 0) << corpus.out;
     const CliResult train = moelab("train --steps 3 --batch 2 --seq 16 --checkpoint-every 1 --corpus " + corpus_dir() +
                                    " --out " + run_dir() + " --json");

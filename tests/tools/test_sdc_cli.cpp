@@ -26,8 +26,7 @@ class SdcCli : public ::testing::Test {
     dir_ = fs::temp_directory_path() / ("moelab_test_sdc_cli_" + std::to_string(::getpid()));
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "empty_root");
-    const CliResult corpus = moelab("corpus --out " + corpus_dir() + " --root " + (dir_ / "empty_root").string() +
-                                    " --max-domain-bytes 8192 --json");
+    const CliResult corpus = moelab_cli::make_small_corpus(corpus_dir(), (dir_ / "empty_root").string());
     ASSERT_EQ(corpus.exit_code, 0) << corpus.out;
   }
   void TearDown() override {
