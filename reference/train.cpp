@@ -1260,4 +1260,23 @@ EvalMetrics run_training(Trainer& trainer, const fs::path& run_dir, const RunCal
   return *last;
 }
 
+std::vector<RoutingSample> route_batches(const ModelConfig& config, const ModelParams& params,
+                                         std::span<const Batch> batches, std::span<const int> blocks) {
+  if (batches.empty()) return std::vector<RoutingSample>(blocks.size());
+  const Index B = batches.front().batch_size, T = batches.front().seq_len, N = B * T;
+  const Index k = config.moe.routing.top_k, E = config.moe.num_experts();
+  const Index rows = N * static_cast<Index>(batches.size());
+  std::vector<RoutingSample> samples(blocks.size(), RoutingSample{IndexMatrix(rows, k), Matrix(rows, k), E});
+  ModelOutput out;
+  for (std::size_t i = 0; i < batches.size(); ++i) {
+    model_forward(out, batches[i].inputs, B, T, params, config);
+    for (std::size_t j = 0; j < blocks.size(); ++j) {
+      const RoutingOutput& r = out.blocks[static_cast<std::size_t>(blocks[j])].moe.routing;
+      samples[j].ids.middleRows(static_cast<Index>(i) * N, N) = r.ids;
+      samples[j].gates.middleRows(static_cast<Index>(i) * N, N) = r.gates;
+    }
+  }
+  return samples;
+}
+
 }  // namespace moelab

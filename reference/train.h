@@ -58,6 +58,7 @@
 #include <string_view>
 #include <vector>
 
+#include "reference/analysis.h"
 #include "reference/config_json.h"
 #include "reference/corpus.h"
 #include "reference/model.h"
@@ -300,6 +301,13 @@ struct CheckpointModel {
   std::int64_t step = 0;       // steps trained
 };
 CheckpointModel load_checkpoint_model(const std::filesystem::path& dir);
+
+// Every listed MoE block's choices for the tokens of `batches` (all of one shape (B, T)), one
+// RoutingSample per block, rows in batch order: row i * B * T + n is token n of batch i. `config`
+// runs as given (pass the eval model: no router noise); token-choice routing only (k per token).
+// What `moelab analyze` and the Python module's analysis are computed from.
+std::vector<RoutingSample> route_batches(const ModelConfig& config, const ModelParams& params,
+                                         std::span<const Batch> batches, std::span<const int> blocks);
 
 // ---- Metrics ----------------------------------------------------------------------------------------
 

@@ -39,26 +39,6 @@ struct AnalyzeOptions {
   bool json = false;
 };
 
-// Every MoE block's choices for the tokens of `batches`, one RoutingSample per block, rows in
-// batch order (row i * B * T + n is token n of batch i).
-std::vector<RoutingSample> route_batches(const CheckpointModel& m, const std::vector<Batch>& batches,
-                                         const std::vector<int>& blocks) {
-  const Index B = batches.front().batch_size, T = batches.front().seq_len, N = B * T;
-  const Index k = m.model.moe.routing.top_k, E = m.model.moe.num_experts();
-  const Index rows = N * static_cast<Index>(batches.size());
-  std::vector<RoutingSample> samples(blocks.size(), RoutingSample{IndexMatrix(rows, k), Matrix(rows, k), E});
-  ModelOutput out;
-  for (std::size_t i = 0; i < batches.size(); ++i) {
-    model_forward(out, batches[i].inputs, B, T, m.params, m.eval_model);
-    for (std::size_t j = 0; j < blocks.size(); ++j) {
-      const RoutingOutput& r = out.blocks[static_cast<std::size_t>(blocks[j])].moe.routing;
-      samples[j].ids.middleRows(static_cast<Index>(i) * N, N) = r.ids;
-      samples[j].gates.middleRows(static_cast<Index>(i) * N, N) = r.gates;
-    }
-  }
-  return samples;
-}
-
 std::vector<int> moe_blocks_of(const CheckpointModel& m, std::string_view flag) {
   std::vector<int> blocks;
   for (Index i = 0; i < m.model.n_layers; ++i)
@@ -148,9 +128,9 @@ void run_analyze(const AnalyzeOptions& o) {
     labels.domains.insert(labels.domains.end(), batches.back().domains.begin(), batches.back().domains.end());
   }
 
-  const std::vector<RoutingSample> samples = route_batches(model, batches, blocks);
+  const std::vector<RoutingSample> samples = route_batches(model.eval_model, model.params, batches, blocks);
   std::vector<RoutingSample> reference;
-  if (other) reference = route_batches(*other, batches, blocks);
+  if (other) reference = route_batches(other->eval_model, other->params, batches, blocks);
   std::vector<LayerReport> reports;
   for (std::size_t j = 0; j < blocks.size(); ++j)
     reports.push_back(analyze_layer(samples[j], labels, AnalysisOptions{}, blocks[j], other ? &reference[j] : nullptr));

@@ -11,12 +11,16 @@ preset="${1:-default}"
 
 # python3-torch and python3-numpy (Debian's, for Debian's /usr/bin/python3) are the independent
 # oracle of the test suite (tests/oracle/). clang and libclang-rt-14-dev (libFuzzer and the
-# sanitizer runtimes) build the fuzzers (tools/fuzz.sh). The fortunes packages are text for the
-# corpus of the tiny language model (reference/corpus.h): fortunes in English, Chinese, German,
-# Russian, Spanish and Italian.
+# sanitizer runtimes) build the fuzzers (tools/fuzz.sh). pybind11-dev and python3-dev build the
+# Python module (python/) for Debian's /usr/bin/python3. python3-nbclient, -nbformat, -ipykernel
+# and -matplotlib execute the course labs in the test suite (notebooks/, docs/labs.md; tools/labs.sh
+# adds Jupyter to open them). The fortunes packages are text for the corpus of the tiny language
+# model (reference/corpus.h): fortunes in English, Chinese, German, Russian, Spanish and Italian.
 packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
           libcli11-dev nlohmann-json3-dev libfmt-dev python3 python3-torch python3-numpy
           clang libclang-rt-14-dev
+          pybind11-dev python3-dev
+          python3-nbclient python3-nbformat python3-ipykernel python3-matplotlib
           fortunes fortunes-zh fortunes-de fortunes-ru fortunes-es fortunes-it)
 missing=()
 for p in "${packages[@]}"; do
