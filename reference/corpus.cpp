@@ -482,7 +482,10 @@ Built build_arithmetic(const CorpusOptions& options) {
   return build_generated(generated_stats("arithmetic", "16 lines a document: a+b=c, a-b=c (a >= b), a*b=c"), options,
                          [&rng] {
                            std::string doc;
-                           for (int line = 0; line < 16; ++line) doc += (line ? "\n" : "") + arithmetic_line(rng);
+                           for (int line = 0; line < 16; ++line) {
+                             if (line > 0) doc += '\n';
+                             doc += arithmetic_line(rng);
+                           }
                            return doc;
                          });
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of moelab on this machine, setting up first:
-#   1. the default build (CUDA kernels compiled where nvcc exists; GPU tests skip without a GPU),
-#   2. the same CPU suites built by Clang with AddressSanitizer + UndefinedBehaviorSanitizer,
+#   1. the default build (CUDA kernels compiled where nvcc exists; GPU tests skip without a GPU):
+#      the reference, the CLI, the PyTorch oracles, the Python module, the notebooks, the viewer,
+#   2. the reference's suites built by Clang with AddressSanitizer + UndefinedBehaviorSanitizer
+#      (in-process C++ only: tests/CMakeLists.txt says what stays in step 1),
 #   3. 20 seconds of libFuzzer on each file loader (tools/fuzz.sh: the fuzzers of that same build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
