@@ -145,6 +145,7 @@ void write_seeds(const fs::path& out) {
   m["domains"] = Json::array();
   seed("manifest_no_domains", 0, as_bytes(m.dump(2)));
   seed("manifest_not_json", 0, as_bytes("{\"format\": \"moelab-corpus\", "));
+  seed("manifest_number_overflow", 0, as_bytes("{\"format\": 1e999}"));  // out_of_range.406, not a parse_error
 
   seed("file_valid", 1, h.file);
   seed("file_no_final_separator", 1, std::span<const std::uint8_t>(h.file).first(h.file.size() - 1));

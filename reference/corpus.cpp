@@ -907,7 +907,7 @@ Corpus read_corpus(const fs::path& dir) {
   Json m;
   try {
     m = Json::parse(text);
-  } catch (const Json::parse_error& e) {
+  } catch (const Json::exception& e) {  // parse_error, or out_of_range.406 for a number like 1e999
     fail(manifest_path.string(), "(not JSON)", fmt::format("is not valid JSON ({}); {} again", e.what(), how));
   }
   const ManifestReader r(manifest_path.string());

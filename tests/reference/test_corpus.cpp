@@ -330,6 +330,10 @@ TEST(Corpus, ACorruptCorpusIsNamed) {
   write(manifest, "{\"format\": \"moelab-corpus\", ");
   const std::string truncated = error_of([&] { read_corpus(out.path()); });
   EXPECT_NE(truncated.find(manifest.string() + " = (not JSON): is not valid JSON ("), std::string::npos) << truncated;
+  // A number beyond double's range is nlohmann's out_of_range.406, not a parse_error (found by fuzz_corpus_manifest).
+  write(manifest, "{\"format\": 1e999}");
+  const std::string overflow = error_of([&] { read_corpus(out.path()); });
+  EXPECT_NE(overflow.find(manifest.string() + " = (not JSON): is not valid JSON ("), std::string::npos) << overflow;
 
   std::string edited = good;
   edited.replace(edited.find("\"val_percent\": 10"), 17, "\"val_percent\": 99");
