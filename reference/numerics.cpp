@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <bit>
+#include <charconv>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "reference/error.h"
 
@@ -180,6 +182,28 @@ Format parse_format(std::string_view name, std::string_view field) {
   for (const Alias& a : aliases)
     if (a.name == name) return a.format;
   fail(field, fmt::format("\"{}\"", name), "must be one of fp32, bf16, fp16, fp8_e4m3, fp8_e5m2");
+}
+
+std::vector<float> parse_float32_list(std::string_view text, std::string_view field) {
+  std::vector<float> out;
+  std::size_t start = 0;
+  for (int item = 1;; ++item) {
+    const std::size_t comma = text.find(',', start);
+    std::string piece(text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
+    piece.erase(0, piece.find_first_not_of(" \t"));
+    piece.erase(piece.find_last_not_of(" \t") + 1);
+    const char* begin = piece.data();
+    if (!piece.empty() && piece[0] == '+') ++begin;
+    float x = 0.0f;
+    const auto [end, ec] = std::from_chars(begin, piece.data() + piece.size(), x);
+    if (piece.empty() || ec != std::errc() || end != piece.data() + piece.size())
+      fail(field, fmt::format("\"{}\"", text),
+           piece.empty() ? fmt::format("item {} is empty; give numbers separated by commas", item)
+                         : fmt::format("item {} (\"{}\") is not a float32 number", item, piece));
+    out.push_back(x);
+    if (comma == std::string_view::npos) return out;
+    start = comma + 1;
+  }
 }
 
 std::uint32_t encode(float x, Format f, Overflow overflow) {

@@ -54,6 +54,9 @@ std::string_view format_name(Format f);
 // Accepts the names above and the aliases fp8 (e4m3), e4m3, e5m2, float32, bfloat16, float16;
 // throws Error naming `field` otherwise.
 Format parse_format(std::string_view name, std::string_view field = "dtype");
+// "128.5, 1,-inf" -> {128.5, 1, -inf}: float32 numbers separated by commas (inf and nan accepted);
+// Error naming `field`, the text and the bad item otherwise. The CLI's --logits and the viewer's.
+std::vector<float> parse_float32_list(std::string_view text, std::string_view field);
 
 // --- conversions -------------------------------------------------------------------------------
 // The bit pattern of x rounded to f (round-to-nearest-even).

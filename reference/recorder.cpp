@@ -112,6 +112,38 @@ nlohmann::ordered_json json_number(double v) {
   return v;
 }
 
+namespace {
+nlohmann::ordered_json softmax_json(const LowpSoftmax& r) {
+  nlohmann::ordered_json j = {{"shifted", nlohmann::ordered_json::array()},
+                              {"exps", nlohmann::ordered_json::array()},
+                              {"probs", nlohmann::ordered_json::array()}};
+  for (std::size_t i = 0; i < r.probs.size(); ++i) {
+    j["shifted"].push_back(json_number(r.shifted[i]));
+    j["exps"].push_back(json_number(r.exps[i]));
+    j["probs"].push_back(json_number(r.probs[i]));
+  }
+  j["sum"] = json_number(r.sum);
+  j["overflow_count"] = r.overflow_count;
+  j["nan_count"] = r.nan_count;
+  j["overflowed"] = r.overflowed();
+  return j;
+}
+}  // namespace
+
+nlohmann::ordered_json softmax_in_format_json(const std::vector<float>& logits, Format format, const LowpSoftmax& naive,
+                                              const LowpSoftmax& stable) {
+  nlohmann::ordered_json doc = {{"dtype", format_name(format)},
+                                {"logits", nlohmann::ordered_json::array()},
+                                {"rounded_logits", nlohmann::ordered_json::array()}};
+  for (std::size_t i = 0; i < logits.size(); ++i) {
+    doc["logits"].push_back(json_number(logits[i]));
+    doc["rounded_logits"].push_back(json_number(naive.logits[i]));
+  }
+  doc["naive"] = softmax_json(naive);
+  doc["stable"] = softmax_json(stable);
+  return doc;
+}
+
 // --- RecordedEvent ------------------------------------------------------------------------------
 
 bool RecordedEvent::has_stat(std::string_view key) const {

@@ -16,6 +16,7 @@
 // - Blank lines are skipped; unknown keys are ignored (a newer writer may add some).
 #pragma once
 
+#include "reference/numerics.h"
 #include "reference/observer.h"
 #include "reference/types.h"
 
@@ -86,6 +87,13 @@ class MemoryRecorder : public Observer {
 // JSON has no inf or NaN: a number as JSON, or the string "nan", "inf" or "-inf". Every JSON
 // moelab writes (events, CLI output, golden manifests) uses this one rule.
 nlohmann::ordered_json json_number(double value);
+
+// The naive and the stable softmax of `logits` in `format` (numerics.h softmax_in_format, methods
+// naive and stable) as JSON: {"dtype", "logits", "rounded_logits", "naive", "stable"}, each softmax
+// {"shifted", "exps", "probs", "sum", "overflow_count", "nan_count", "overflowed"}. What `moelab
+// numerics --json` prints and what the viewer's numerics panel shows (a test compares the two).
+nlohmann::ordered_json softmax_in_format_json(const std::vector<float>& logits, Format format, const LowpSoftmax& naive,
+                                              const LowpSoftmax& stable);
 
 // A matrix as JSON, a list of rows; a vector as a flat list. Integers stay integers; floating-point
 // values go through json_number.

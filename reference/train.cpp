@@ -491,6 +491,49 @@ void set_logit_magnitude(StepMetrics& m, const std::vector<ModelOutput>& outputs
 
 }  // namespace
 
+void Trainer::reconfigure(TrainConfig next) {
+  next.validate();  // throws before anything changes
+  const ModelConfig m = next.model_config();
+  // Balance and z-loss never change the list of parameters, which AdamW points into.
+  const std::size_t before = model_parameters(std::as_const(params_), model_).size();
+  if (model_parameters(std::as_const(params_), m).size() != before)
+    throw Error(fmt::format("balance = {}: changes the model's parameters; a live change may not",
+                            balance_mode_name(next.balance)));
+  for (Index i = 0; i < m.n_layers; ++i) {
+    if (!m.is_moe(i)) continue;
+    VectorT<float>& bias = params_.blocks[static_cast<std::size_t>(i)].moe.routing.selection_bias;
+    if (!m.moe.routing.use_selection_bias) {
+      bias.resize(0);
+    } else if (!model_.moe.routing.use_selection_bias || bias.size() != m.moe.num_experts()) {
+      bias = VectorT<float>::Zero(m.moe.num_experts());  // as init_layer starts it
+    }
+  }
+  config_ = std::move(next);
+  model_ = m;
+  eval_model_ = without_noise(m);
+}
+
+void Trainer::set_balance(BalanceMode mode, std::optional<double> strength) {
+  TrainConfig next = config_;
+  next.balance = mode;
+  if (strength) {
+    require(mode != BalanceMode::none, "strength", *strength, "balance = none has no strength to set");
+    require(std::isfinite(*strength) && *strength >= 0, "strength", *strength, "must be finite and >= 0");
+    if (mode == BalanceMode::aux_free) {
+      next.bias_update_rate = *strength;
+    } else {
+      next.model.moe.routing.aux_loss_coef = *strength;
+    }
+  }
+  reconfigure(std::move(next));
+}
+
+void Trainer::set_z_loss_coef(std::optional<double> coef) {
+  TrainConfig next = config_;
+  next.z_loss_coef = coef;
+  reconfigure(std::move(next));
+}
+
 StepMetrics Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
   const std::int64_t s = step_;

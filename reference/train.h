@@ -239,6 +239,23 @@ class Trainer {
   void save(const std::filesystem::path& dir) const;
   void load(const std::filesystem::path& dir);
 
+  // Live changes (the viewer's balancing and z-loss controls, so that routing collapse can be made
+  // to happen and undone mid-run). They change the configuration, and with it the trajectory, from
+  // the next step() on; steps already taken are not redone. The parameters and AdamW's state stay;
+  // a selection bias is created at 0 when the mode starts using one and dropped when it stops (a
+  // fresh trainer of the new configuration holds the same buffers). A checkpoint saved afterwards
+  // records the new configuration: resuming from it continues bit-identically, but re-running its
+  // config.json from step 0 is not the run that made it (the change and its step are not recorded).
+  //   set_balance: mode as in TrainConfig::balance; strength, when given, is the balance loss
+  //     coefficient (model.moe.routing.aux_loss_coef) for preset and aux, bias_update_rate for
+  //     aux_free, and must not be given for none.
+  //   set_z_loss_coef: every MoE block's router z-loss coefficient (TrainConfig::z_loss_coef); unset:
+  //     the preset's.
+  // Both throw Error naming the field, the value and the rule, and change nothing, when the
+  // configuration they give is invalid (e.g. aux_free with expert-choice selection).
+  void set_balance(BalanceMode mode, std::optional<double> strength = {});
+  void set_z_loss_coef(std::optional<double> coef);
+
   std::int64_t steps_done() const { return step_; }
   bool done() const { return step_ >= config_.steps; }
   double seconds_trained() const { return seconds_; }  // wall time of step(), saved in checkpoints
@@ -263,6 +280,8 @@ class Trainer {
   AdamW adamw_;
   std::int64_t step_ = 0;
   double seconds_ = 0;
+
+  void reconfigure(TrainConfig next);  // set_balance, set_z_loss_coef: validate, then commit
 };
 
 // The seed of random stream `stream` at `index` (a step, or step * M + micro-batch).

@@ -28,29 +28,6 @@ struct NumericsOptions {
   bool json = false;
 };
 
-// "128.5,1,0" -> {128.5, 1, 0}; inf and nan are accepted, anything else names the bad item.
-std::vector<float> parse_number_list(const std::string& text, std::string_view field) {
-  std::vector<float> out;
-  std::size_t start = 0;
-  for (int item = 1;; ++item) {
-    const std::size_t comma = text.find(',', start);
-    std::string piece = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    piece.erase(0, piece.find_first_not_of(" \t"));
-    piece.erase(piece.find_last_not_of(" \t") + 1);
-    const char* begin = piece.data();
-    if (!piece.empty() && piece[0] == '+') ++begin;
-    float x = 0.0f;
-    const auto [end, ec] = std::from_chars(begin, piece.data() + piece.size(), x);
-    if (piece.empty() || ec != std::errc() || end != piece.data() + piece.size())
-      fail(field, fmt::format("\"{}\"", text),
-           piece.empty() ? fmt::format("item {} is empty; give numbers separated by commas", item)
-                         : fmt::format("item {} (\"{}\") is not a float32 number", item, piece));
-    out.push_back(x);
-    if (comma == std::string::npos) return out;
-    start = comma + 1;
-  }
-}
-
 std::vector<Format> selected_formats(const std::string& dtype) {
   if (dtype.empty()) return {std::begin(kAllFormats), std::end(kAllFormats)};
   return {parse_format(dtype, "--dtype")};
@@ -90,20 +67,6 @@ void print_table(const std::vector<Format>& formats, bool as_json) {
       "exp(x) beyond the last column rounds to inf (NaN in fp8_e4m3): a naive softmax of such a logit fails.\n");
 }
 
-json softmax_json(const LowpSoftmax& r) {
-  json j = {{"shifted", json::array()}, {"exps", json::array()}, {"probs", json::array()}};
-  for (std::size_t i = 0; i < r.probs.size(); ++i) {
-    j["shifted"].push_back(json_number(r.shifted[i]));
-    j["exps"].push_back(json_number(r.exps[i]));
-    j["probs"].push_back(json_number(r.probs[i]));
-  }
-  j["sum"] = json_number(r.sum);
-  j["overflow_count"] = r.overflow_count;
-  j["nan_count"] = r.nan_count;
-  j["overflowed"] = r.overflowed();
-  return j;
-}
-
 std::string verdict(const LowpSoftmax& r) {
   if (!r.overflowed()) return "no overflow";
   return fmt::format("{} exponential(s) overflowed, {} probability(ies) NaN -> OVERFLOW", r.overflow_count,
@@ -114,14 +77,8 @@ void print_softmax(const std::vector<float>& logits, Format f, bool as_json) {
   const LowpSoftmax naive = softmax_in_format(logits, f, SoftmaxMethod::naive);
   const LowpSoftmax stable = softmax_in_format(logits, f, SoftmaxMethod::stable);
   if (as_json) {
-    json doc = {{"command", "numerics"}, {"dtype", format_name(f)}, {"logits", json::array()},
-                {"rounded_logits", json::array()}};
-    for (std::size_t i = 0; i < logits.size(); ++i) {
-      doc["logits"].push_back(json_number(logits[i]));
-      doc["rounded_logits"].push_back(json_number(naive.logits[i]));
-    }
-    doc["naive"] = softmax_json(naive);
-    doc["stable"] = softmax_json(stable);
+    json doc = {{"command", "numerics"}};
+    doc.update(softmax_in_format_json(logits, f, naive, stable));
     fmt::print("{}\n", doc.dump(2));
     return;
   }
@@ -178,9 +135,9 @@ void add_numerics_command(CLI::App& app) {
     const NumericsOptions& o = *options;
     if (logits->count() > 0) {
       const Format f = o.dtype.empty() ? Format::fp32 : parse_format(o.dtype, "--dtype");
-      print_softmax(parse_number_list(o.logits, "--logits"), f, o.json);
+      print_softmax(parse_float32_list(o.logits, "--logits"), f, o.json);
     } else if (value->count() > 0) {
-      print_value(parse_number_list(o.value, "--value"), selected_formats(o.dtype), o.json);
+      print_value(parse_float32_list(o.value, "--value"), selected_formats(o.dtype), o.json);
     } else {
       print_table(selected_formats(o.dtype), o.json);
     }

@@ -16,12 +16,17 @@ preset="${1:-default}"
 # and -matplotlib execute the course labs in the test suite (notebooks/, docs/labs.md; tools/labs.sh
 # adds Jupyter to open them). The fortunes packages are text for the corpus of the tiny language
 # model (reference/corpus.h): fortunes in English, Chinese, German, Russian, Spanish and Italian.
+# moelab-viewer (viewer/) needs Dear ImGui, GLFW, stb and OpenGL; its tests and the demo's screenshots
+# run it under Xvfb (xvfb, xauth) with Mesa's software renderer (libgl1-mesa-dri); DejaVu Sans and
+# WenQuanYi Micro Hei draw the corpus's Latin, Cyrillic and Chinese characters.
 packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
           libcli11-dev nlohmann-json3-dev libfmt-dev python3 python3-torch python3-numpy
           clang libclang-rt-14-dev
           pybind11-dev python3-dev
           python3-nbclient python3-nbformat python3-ipykernel python3-matplotlib
-          fortunes fortunes-zh fortunes-de fortunes-ru fortunes-es fortunes-it)
+          fortunes fortunes-zh fortunes-de fortunes-ru fortunes-es fortunes-it
+          libimgui-dev libglfw3-dev libstb-dev libgl-dev xvfb xauth libgl1-mesa-dri
+          fonts-dejavu-core fonts-wqy-microhei)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "reference/error.h"
+#include "reference/numerics.h"
 
 namespace moelab::viewer {
 
@@ -34,23 +35,7 @@ std::pair<int, int> parse_size(std::string_view text, std::string_view field) {
 }
 
 std::vector<float> parse_logits(std::string_view text, std::string_view field) {
-  std::vector<float> out;
-  std::size_t start = 0;
-  for (int item = 1;; ++item) {
-    const std::size_t comma = text.find(',', start);
-    std::string piece(text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
-    piece.erase(0, piece.find_first_not_of(" \t"));
-    piece.erase(piece.find_last_not_of(" \t") + 1);
-    const char* begin = piece.data();
-    if (!piece.empty() && piece[0] == '+') ++begin;
-    float v = 0;
-    const auto [end, ec] = std::from_chars(begin, piece.data() + piece.size(), v);
-    require(!piece.empty() && ec == std::errc() && end == piece.data() + piece.size(), field,
-            fmt::format("\"{}\"", text), fmt::format("item {} is not a float32 number", item));
-    out.push_back(v);
-    if (comma == std::string_view::npos) break;
-    start = comma + 1;
-  }
+  std::vector<float> out = parse_float32_list(text, field);
   require(out.size() <= 64, field, fmt::format("({} numbers)", out.size()), "at most 64 logits");
   return out;
 }

@@ -198,17 +198,25 @@ BatchRouting RoutingCollector::assemble(const Batch& batch, const ModelConfig& c
   return r;
 }
 
-BatchRouting route_text(const ModelConfig& eval_model, const ModelParams& params, std::string_view text,
-                        Index max_bytes) {
-  require(!text.empty(), "text", "\"\"", "must hold at least one byte");
-  require(static_cast<Index>(text.size()) <= max_bytes, "text", fmt::format("({} bytes)", text.size()),
-          fmt::format("must be at most {} bytes", max_bytes));
+namespace {
+// One sequence of the text's bytes, each predicting the next; the last predicts the document separator.
+Batch text_batch(std::string_view text) {
   Batch batch;
   batch.batch_size = 1;
   batch.seq_len = static_cast<Index>(text.size());
   batch.inputs = text_bytes(text);
   batch.targets.assign(batch.inputs.begin() + 1, batch.inputs.end());
   batch.targets.push_back(kDocumentSeparator);
+  return batch;
+}
+}  // namespace
+
+BatchRouting route_text(const ModelConfig& eval_model, const ModelParams& params, std::string_view text,
+                        Index max_bytes) {
+  require(!text.empty(), "text", "\"\"", "must hold at least one byte");
+  require(static_cast<Index>(text.size()) <= max_bytes, "text", fmt::format("({} bytes)", text.size()),
+          fmt::format("must be at most {} bytes", max_bytes));
+  const Batch batch = text_batch(text);
   RoutingCollector collector;
   ModelOutput out;
   model_forward(out, batch.inputs, 1, batch.seq_len, params, eval_model, nullptr, &collector);
@@ -381,34 +389,10 @@ NumericsView numerics_view(std::span<const float> logits, Format format) {
   return v;
 }
 
-namespace {
-
-Json softmax_json(const LowpSoftmax& r) {
-  Json j = {{"shifted", Json::array()}, {"exps", Json::array()}, {"probs", Json::array()}};
-  for (std::size_t i = 0; i < r.probs.size(); ++i) {
-    j["shifted"].push_back(json_number(r.shifted[i]));
-    j["exps"].push_back(json_number(r.exps[i]));
-    j["probs"].push_back(json_number(r.probs[i]));
-  }
-  j["sum"] = json_number(r.sum);
-  j["overflow_count"] = r.overflow_count;
-  j["nan_count"] = r.nan_count;
-  j["overflowed"] = r.overflowed();
-  return j;
-}
-
-}  // namespace
-
 Json numerics_json(const NumericsView& v) {
-  Json doc = {{"dtype", format_name(v.format)}, {"logits", Json::array()}, {"rounded_logits", Json::array()},
-              {"spacing", Json::array()}};
-  for (std::size_t i = 0; i < v.logits.size(); ++i) {
-    doc["logits"].push_back(json_number(v.logits[i]));
-    doc["rounded_logits"].push_back(json_number(v.naive.logits[i]));
-    doc["spacing"].push_back(json_number(v.spacing[i]));
-  }
-  doc["naive"] = softmax_json(v.naive);
-  doc["stable"] = softmax_json(v.stable);
+  Json doc = softmax_in_format_json(v.logits, v.format, v.naive, v.stable);
+  doc["spacing"] = Json::array();
+  for (float s : v.spacing) doc["spacing"].push_back(json_number(s));
   return doc;
 }
 
@@ -483,12 +467,7 @@ SdcView sdc_view(const ModelConfig& eval_model, const ModelParams& params, std::
   require_sdc_model(eval_model, "model");
   require(!text.empty(), "text", "\"\"", "must hold at least one byte");
   require(text.size() <= 512, "text", fmt::format("({} bytes)", text.size()), "must be at most 512 bytes");
-  Batch batch;
-  batch.batch_size = 1;
-  batch.seq_len = static_cast<Index>(text.size());
-  batch.inputs = text_bytes(text);
-  batch.targets.assign(batch.inputs.begin() + 1, batch.inputs.end());
-  batch.targets.push_back(kDocumentSeparator);
+  const Batch batch = text_batch(text);
   fault.validate(eval_model, batch.seq_len);
   SdcView v;
   v.trace = trace_fault(eval_model, params, batch, fault);

@@ -365,5 +365,23 @@ TEST(Numerics, ParseFormat) {
             "--dtype = \"fp12\": must be one of fp32, bf16, fp16, fp8_e4m3, fp8_e5m2");
 }
 
+TEST(Numerics, ParseFloat32List) {
+  const std::vector<float> v = parse_float32_list(" 128.5, +1,-0 ,1e-45,inf,-inf", "--logits");
+  ASSERT_EQ(v.size(), 6u);
+  EXPECT_EQ(v[0], 128.5f);
+  EXPECT_EQ(v[1], 1.0f);
+  EXPECT_TRUE(v[2] == 0.0f && std::signbit(v[2]));
+  EXPECT_EQ(v[3], std::numeric_limits<float>::denorm_min());
+  EXPECT_EQ(v[4], INFINITY);
+  EXPECT_EQ(v[5], -INFINITY);
+  EXPECT_TRUE(std::isnan(parse_float32_list("nan", "x")[0]));
+  EXPECT_EQ(error_of([] { parse_float32_list("1,x", "--logits"); }),
+            "--logits = \"1,x\": item 2 (\"x\") is not a float32 number");
+  EXPECT_EQ(error_of([] { parse_float32_list("1,,2", "--logits"); }),
+            "--logits = \"1,,2\": item 2 is empty; give numbers separated by commas");
+  EXPECT_EQ(error_of([] { parse_float32_list("1e39", "--value"); }),
+            "--value = \"1e39\": item 1 (\"1e39\") is not a float32 number");
+}
+
 }  // namespace
 }  // namespace moelab

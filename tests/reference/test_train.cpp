@@ -702,3 +702,68 @@ TEST(TrainData, UnigramBaselineAndBatchChecks) {
 
 }  // namespace
 }  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// Trainer::set_balance / set_z_loss_coef (the viewer's live controls): a change before step s trains
+// steps s.. exactly as a trainer configured that way would; a checkpoint records the new configuration
+// and resumes bit-identically; an invalid change is an Error that changes nothing.
+TEST(TrainLive, SetBalanceChangesTheTrajectoryFromTheNextStepOn) {
+  const RepeatingSource data(4, 16, 7);
+  // Switching to aux_free before step 0 is the same run as starting with aux_free.
+  TrainConfig free = small_config("mixtral", BalanceMode::aux_free);
+  TrainConfig preset = small_config("mixtral", BalanceMode::preset);
+  preset.bias_update_rate = 0.5;  // replaced by the strength below
+  Trainer a(free, data), b(preset, data);
+  b.set_balance(BalanceMode::aux_free, free.bias_update_rate);
+  EXPECT_EQ(b.config().balance, BalanceMode::aux_free);
+  EXPECT_EQ(b.config().bias_update_rate, free.bias_update_rate);
+  EXPECT_TRUE(b.model_config().moe.routing.use_selection_bias);
+  for (int s = 0; s < 3; ++s) {
+    const StepMetrics ma = a.step(), mb = b.step();
+    EXPECT_EQ(ma.loss, mb.loss) << s;
+    EXPECT_EQ(mb.aux, 0.0);
+  }
+  expect_same_state(a, b);
+
+  // Mid-run: aux -> none removes the balance loss and the bias from the next step on.
+  b.set_balance(BalanceMode::none);
+  EXPECT_TRUE(model_buffers(b.params(), b.model_config()).empty());
+  EXPECT_EQ(b.model_config().moe.routing.aux_loss, AuxLoss::none);
+  EXPECT_EQ(b.step().aux, 0.0);
+  b.set_balance(BalanceMode::aux, 0.5);  // Mixtral's loss at 25 times its 0.02
+  EXPECT_EQ(b.model_config().moe.routing.aux_loss_coef, 0.5);
+  const StepMetrics strong = b.step();
+  EXPECT_GT(strong.aux, 0.0);
+  b.set_z_loss_coef(0.01);
+  EXPECT_EQ(b.model_config().moe.routing.z_loss_coef, 0.01);
+  EXPECT_GT(b.step().z, 0.0);
+  EXPECT_EQ(b.steps_done(), 6);
+
+  // The checkpoint records the configuration as it is now; a trainer built from it resumes exactly.
+  TempDir dir("live");
+  b.save(dir.path() / "ckpt");
+  const TrainConfig saved = read_checkpoint_config(dir.path() / "ckpt");
+  EXPECT_EQ(saved.balance, BalanceMode::aux);
+  EXPECT_EQ(saved.model.moe.routing.aux_loss_coef, 0.5);
+  ASSERT_TRUE(saved.z_loss_coef.has_value());
+  EXPECT_EQ(*saved.z_loss_coef, 0.01);
+  Trainer c(saved, data);
+  c.load(dir.path() / "ckpt");
+  EXPECT_EQ(b.step().loss, c.step().loss);
+  expect_same_state(b, c);
+
+  // Invalid changes name the field and leave the trainer as it was.
+  TrainConfig ec = small_config("expert_choice", BalanceMode::preset);
+  Trainer d(ec, data);
+  EXPECT_NE(error_of([&] { d.set_balance(BalanceMode::aux_free); }).find("balance = aux_free"), std::string::npos);
+  EXPECT_EQ(d.config().balance, BalanceMode::preset);
+  EXPECT_NE(error_of([&] { b.set_z_loss_coef(-1.0); }).find("z_loss_coef = -1"), std::string::npos);
+  EXPECT_EQ(*b.config().z_loss_coef, 0.01);
+  EXPECT_NE(error_of([&] { b.set_balance(BalanceMode::none, 0.1); }).find("strength = 0.1"), std::string::npos);
+  EXPECT_EQ(b.config().balance, BalanceMode::aux);
+}
+
+}  // namespace
+}  // namespace moelab
