@@ -200,11 +200,14 @@ void sequence_strip(UiState& ui, const BatchRouting& r, Index seq) {
     }
     if (hovered && mouse.x >= x && mouse.x < x + cell && mouse.y >= y && mouse.y < y + line_h) hover = t;
   }
+  // The first and the last block's rows are labelled; the last only where its label clears the first's.
+  std::vector<int> labelled = {0};
+  if (L > 1 && bar_h * static_cast<float>(L - 1) >= text_h) labelled.push_back(L - 1);
   for (int line = 0; line < lines; ++line)
-    for (int j = 0; j < L; ++j) {
+    for (int j : labelled) {
       const std::string s = fmt::format("blk {}", r.layers[static_cast<std::size_t>(j)].layer);
       dl->AddText(ImVec2(p0.x, p0.y + line_h * static_cast<float>(line) + text_h + bar_h * static_cast<float>(j) - 4),
-                  IM_COL32(150, 150, 160, 255), j == 0 || j == L - 1 ? s.c_str() : "");
+                  IM_COL32(150, 150, 160, 255), s.c_str());
     }
   if (hover >= 0) {
     TokenTooltip(r, hover);

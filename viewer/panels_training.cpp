@@ -39,6 +39,13 @@ void ShowTrainingPanel(UiState& ui, const Snapshot& snap) {
     ImGui::SameLine();
     if (ImGui::Button("Reload checkpoint")) ui.session->reload_checkpoint();
   }
+  ImGui::SetNextItemWidth(180);
+  ImGui::InputText("##save", ui.save_dir, sizeof(ui.save_dir));
+  ImGui::SameLine();
+  if (ImGui::Button("Save checkpoint")) ui.session->save(ui.save_dir);
+  HelpMarker("Writes this run's state as FOLDER/step-N (an existing one is never replaced) and FOLDER/latest: open it "
+             "again with `moelab-viewer --checkpoint FOLDER`, or analyse it with `moelab analyze --checkpoint FOLDER`.");
+  if (!snap.saved.empty()) ImGui::TextDisabled("saved %s", snap.saved.c_str());
   ImGui::Separator();
   ImGui::TextUnformatted("A fresh run:");
   static const std::vector<std::string> models = model_config_names();

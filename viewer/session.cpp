@@ -154,6 +154,17 @@ void Session::set_stop_at(std::optional<std::int64_t> steps) {
   enqueue([this, steps] { settings_.stop_at = steps; });
 }
 
+void Session::save(fs::path run_dir) {
+  enqueue([this, run_dir] {
+    require(!run_dir.empty(), "save folder", "\"\"", "must name a folder");
+    const fs::path path = checkpoint_path(run_dir, run_->trainer->steps_done());
+    std::error_code ec;
+    require(!fs::exists(path, ec), "save folder", path.string(),
+            "exists already: choose another folder (a checkpoint is never replaced)");
+    saved_ = save_checkpoint(*run_->trainer, run_dir).string();
+  });
+}
+
 bool Session::wait_for(const std::function<bool(const Snapshot&)>& done, double seconds) const {
   std::unique_lock lock(mutex_);
   return changed_.wait_for(lock, std::chrono::duration<double>(seconds),
@@ -244,6 +255,7 @@ void Session::publish(bool evaluate_now) {
   snap->running = running_;
   snap->source = r.source;
   snap->error = error_;
+  snap->saved = saved_;
   snap->config = r.trainer->config();
   snap->model = r.trainer->model_config();
   snap->eval_model = without_router_noise(snap->model);

@@ -64,6 +64,7 @@ struct Snapshot {
   bool running = false;
   std::string source;               // "scratch" or the checkpoint folder
   std::string error;                // the last command's or step's Error, if any
+  std::string saved;                // the checkpoint folder the last save wrote, if any
   TrainConfig config;               // as trained now (live changes included)
   ModelConfig model;                // config.model_config()
   ModelConfig eval_model;           // without router noise
@@ -99,6 +100,11 @@ class Session {
   void set_balance(BalanceMode mode, std::optional<double> strength);
   void set_z_loss(std::optional<double> coef);
   void set_stop_at(std::optional<std::int64_t> steps);
+  // Saves the trainer's state as RUN/step-N (train.h save_checkpoint: atomic, then RUN/latest), so
+  // that `moelab analyze --checkpoint RUN` or `moelab-viewer --checkpoint RUN` opens it. Refuses
+  // (Error naming the folder) to replace a step-N folder that exists: that is another run's, or
+  // this one's saved already, and nothing the user made is overwritten.
+  void save(std::filesystem::path run_dir);
 
   // Waits until `done(snapshot)` holds or `seconds` pass; true if it holds (tests, screenshot mode).
   bool wait_for(const std::function<bool(const Snapshot&)>& done, double seconds) const;
@@ -124,6 +130,7 @@ class Session {
   SessionSettings settings_;
   bool running_ = false;
   std::string error_;
+  std::string saved_;
   std::vector<StepPoint> history_;
   std::vector<EvalMetrics> evals_;
   std::vector<MatrixD> byte_counts_;

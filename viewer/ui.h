@@ -70,6 +70,7 @@ struct UiState {
   int seed = 0;
   int balance_mode = 0;
   int batch = 16;
+  char save_dir[256] = "runs/viewer";
 
   // 6. bit flip
   char sdc_text[513] = {};

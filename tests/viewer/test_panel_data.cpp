@@ -391,10 +391,30 @@ TEST(ViewerSession, TrainsInTheBackgroundAndPublishesImmutableSnapshots) {
   EXPECT_EQ(session.snapshot()->history.back().aux, 0.0);
   EXPECT_GT(session.snapshot()->history.back().z, 0.0);
 
+  // Save: RUN/step-000004 and RUN/latest, which a new session opens at step 4; a second save of the
+  // same step refuses to replace it.
+  const fs::path run = fs::temp_directory_path() / fmt::format("moelab_viewer_save_{}", ::getpid());
+  fs::remove_all(run);
+  session.save(run);
+  ASSERT_TRUE(session.wait_for([](const Snapshot& x) { return !x.saved.empty(); }, 60));
+  EXPECT_EQ(session.snapshot()->saved, (run / "step-000004").string());
+  EXPECT_TRUE(session.snapshot()->error.empty()) << session.snapshot()->error;
+  {
+    Session reopened(corpus, small_settings(), run);
+    EXPECT_EQ(reopened.snapshot()->steps_done, 4);
+    EXPECT_EQ(reopened.snapshot()->config.balance, BalanceMode::none);  // the live change is recorded
+  }
+  session.save(run);
+  ASSERT_TRUE(session.wait_for([](const Snapshot& x) { return !x.error.empty(); }, 60));
+  EXPECT_NE(session.snapshot()->error.find("step-000004: exists already"), std::string::npos)
+      << session.snapshot()->error;
+  fs::remove_all(run);
+
   // An invalid command is reported, and changes nothing.
   session.set_balance(BalanceMode::none, 0.5);
-  ASSERT_TRUE(session.wait_for([](const Snapshot& x) { return !x.error.empty(); }, 60));
-  EXPECT_NE(session.snapshot()->error.find("strength = 0.5"), std::string::npos);
+  ASSERT_TRUE(session.wait_for([](const Snapshot& x) { return x.error.find("strength = 0.5") != std::string::npos; }, 60))
+      << session.snapshot()->error;
+  EXPECT_EQ(session.snapshot()->config.balance, BalanceMode::none);
 
   // Reset: a fresh run of another seed.
   SessionSettings other = small_settings();
