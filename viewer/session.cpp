@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <chrono>
 #include <exception>
 
@@ -53,6 +55,36 @@ namespace {
 
 double stat_or_nan(const RecordedEvent& e, std::string_view key) { return e.has_stat(key) ? e.stat(key) : NAN; }
 
+// A damaged metrics.jsonl (edited by hand, truncated by a crash) is an Error naming the file, the
+// event and its step, never a crash.
+[[noreturn]] void damaged(const fs::path& metrics, const RecordedEvent& e, std::string_view what) {
+  throw Error(fmt::format("{}: the {} event of step {}: {}", metrics.string(), e.name, e.step, what));
+}
+
+// train_step's values: the load of every MoE block, shape (L, E), counts of token-expert pairs.
+std::vector<std::vector<std::int64_t>> load_of(const fs::path& metrics, const RecordedEvent& e) {
+  if (e.shape.size() != 2 || e.shape[0] < 0 || e.shape[1] < 0 ||
+      static_cast<std::size_t>(e.shape[0] * e.shape[1]) != e.values.size())
+    damaged(metrics, e, "shape must be (MoE blocks, experts) and match its values");
+  std::vector<std::vector<std::int64_t>> load(static_cast<std::size_t>(e.shape[0]));
+  for (std::size_t i = 0; i < e.values.size(); ++i) {
+    const double v = e.values[i];
+    if (!(v >= 0 && v <= 9.0e15 && v == std::floor(v))) damaged(metrics, e, fmt::format("load {} is not a count", v));
+    load[i / static_cast<std::size_t>(e.shape[1])].push_back(static_cast<std::int64_t>(v));
+  }
+  return load;
+}
+
+// eval's stats specialisation_<block> and byte_specialisation_<block>.
+int block_of(const fs::path& metrics, const RecordedEvent& e, std::string_view key, std::string_view prefix) {
+  const std::string_view digits = key.substr(prefix.size());
+  int block = -1;
+  const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), block);
+  if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size() || block < 0)
+    damaged(metrics, e, fmt::format("stat \"{}\" must be {}<block>", key, prefix));
+  return block;
+}
+
 }  // namespace
 
 void read_run_history(const fs::path& metrics, std::int64_t steps_done, std::vector<StepPoint>& history,
@@ -66,12 +98,7 @@ void read_run_history(const fs::path& metrics, std::int64_t steps_done, std::vec
                     .tokens_per_second = stat_or_nan(e, "tokens_per_second"),
                     .load_imbalance = stat_or_nan(e, "load_imbalance"), .dropped_fraction = stat_or_nan(e, "dropped_fraction"),
                     .logit_rms = stat_or_nan(e, "logit_rms"), .logit_max_abs = stat_or_nan(e, "logit_max_abs")};
-      const std::int64_t L = e.shape[0], E = e.shape[1];
-      for (std::int64_t l = 0; l < L && static_cast<std::size_t>((l + 1) * E) <= e.values.size(); ++l) {
-        std::vector<std::int64_t> load;
-        for (std::int64_t x = 0; x < E; ++x) load.push_back(static_cast<std::int64_t>(e.values[static_cast<std::size_t>(l * E + x)]));
-        m.load.push_back(std::move(load));
-      }
+      m.load = load_of(metrics, e);
       history.push_back(step_point(m));
     } else if (e.name == events::eval && e.step <= steps_done) {
       EvalMetrics m;
@@ -79,9 +106,10 @@ void read_run_history(const fs::path& metrics, std::int64_t steps_done, std::vec
       m.loss = stat_or_nan(e, "loss");
       for (const auto& [key, value] : e.stats) {
         if (key.rfind("specialisation_", 0) == 0) {
-          m.moe_layers.push_back(std::stoi(key.substr(15)));
+          m.moe_layers.push_back(block_of(metrics, e, key, "specialisation_"));
           m.specialisation.push_back(value);
         } else if (key.rfind("byte_specialisation_", 0) == 0) {
+          block_of(metrics, e, key, "byte_specialisation_");
           m.byte_specialisation.push_back(value);
         }
       }

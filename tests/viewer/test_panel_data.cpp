@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -288,6 +289,33 @@ TEST(ViewerBalance, RunHistoryComesBackFromMetricsJsonl) {
   ASSERT_EQ(evals.size(), 1u);
   EXPECT_EQ(evals[0].moe_layers, (std::vector<int>{0, 1}));
   EXPECT_EQ(evals[0].byte_specialisation, (std::vector<double>{1.1, 1.2}));
+
+  // A damaged line is an Error naming the file, the event and its step, not a crash.
+  struct Case {
+    std::string line, expected;
+  };
+  const std::string step = R"("name":"train_step","layer":-1,"step":0)";
+  const std::string eval = R"("name":"eval","layer":-1,"step":0,"shape":[0,0],"values":[],"ids":[])";
+  for (const Case& c : {
+           Case{"{" + step + R"(,"shape":[2],"values":[1,2],"ids":[],"stats":{}})", "line 1: shape = [2]"},
+           Case{"{" + step + R"(,"shape":[2,2],"values":[1,2,3],"ids":[],"stats":{}})", "values count = 3"},
+           Case{"{" + step + R"(,"shape":[2,2],"values":[],"ids":[],"stats":{}})",
+                "the train_step event of step 0: shape must be (MoE blocks, experts) and match its values"},
+           Case{"{" + step + R"(,"shape":[1,2],"values":[1,"nan"],"ids":[],"stats":{}})", "load nan is not a count"},
+           Case{"{" + step + R"(,"shape":[1,2],"values":[1,1e300],"ids":[],"stats":{}})", "is not a count"},
+           Case{"{" + eval + R"(,"stats":{"specialisation_x":0.1}})", "stat \"specialisation_x\" must be"},
+           Case{"{" + eval + R"(,"stats":{"byte_specialisation_99999999999":0.1}})", "byte_specialisation_<block>"},
+       }) {
+    {
+      std::ofstream f(dir / "damaged.jsonl", std::ios::trunc);
+      f << c.line << "\n";
+    }
+    history.clear();
+    evals.clear();
+    const std::string error = error_of([&] { read_run_history(dir / "damaged.jsonl", 5, history, evals); });
+    EXPECT_NE(error.find((dir / "damaged.jsonl").string() + ": "), std::string::npos) << c.line << "\n" << error;
+    EXPECT_NE(error.find(c.expected), std::string::npos) << c.line << "\n" << error;
+  }
   fs::remove_all(dir);
 }
 
