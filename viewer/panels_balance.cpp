@@ -105,8 +105,8 @@ void ShowBalancePanel(UiState& ui, const Snapshot& snap) {
   const Series imb[] = {Series{.label = "max / mean load (worst block)", .x = &steps, .y = &imbalance, .colour = SeriesColour(3)},
                         Series{.label = "dropped fraction", .x = &steps, .y = &dropped, .colour = SeriesColour(1)}};
   ImGui::TextUnformatted("imbalance over all blocks");
-  HelpMarker("StepMetrics::load_imbalance: the largest max/mean load of any block in the step (1 = even, E = all on one "
-             "expert); dropped fraction: pairs dropped by capacity (0 when dropless).");
+  HelpMarker("StepMetrics::load_imbalance: the largest max/mean load of any block in the step (1 = even; at most E/k, "
+             "when every token chooses the same k experts); dropped fraction: pairs dropped by capacity (0 when dropless).");
   LineChart("imbalance", ImVec2(0, ImGui::GetContentRegionAvail().y - 4), imb,
             ChartStyle{.y_label = "", .y_min = 0.0, .hlines = {HLine{1.0, "even", IM_COL32(230, 230, 230, 160)}}});
   ImGui::EndTable();
