@@ -109,6 +109,8 @@ struct FrameLog {
 Json state_json(const UiState& ui, const Snapshot& snap, const FrameLog& log, const ViewerOptions& o) {
   Json j;
   j["panel"] = o.panel;
+  j["panel_shown"] = kPanelNames[ui.panel];
+  j["keys_handled"] = ui.keys_handled;
   j["size"] = {o.width, o.height};
   j["frames"] = log.frames;
   j["seconds"] = log.seconds;
@@ -242,6 +244,7 @@ int run(int argc, char** argv) {
     ImGui_ImplGlfw_NewFrame();
     // Screenshots are not hovered by wherever Xvfb left its pointer: only by --hover, if given.
     if (screenshot) ImGui::GetIO().MousePos = o.hover ? ImVec2(o.hover->first, o.hover->second) : ImVec2(-1e9f, -1e9f);
+    if (screenshot && o.press) ImGui::GetIO().KeysDown[*o.press] = measuring && log.frames == 0;  // down for one frame
     ImGui::NewFrame();
     draw_frame(ui, *snap);
     ImGui::Render();

@@ -68,6 +68,8 @@ ViewerOptions parse_viewer_options(const std::vector<std::string>& args) {
   app.add_option("--state-json", state_json, "write what the frames did (frames, animation, steps, numbers) here");
   std::string hover;
   app.add_option("--hover", hover, "screenshot mode: put the mouse at X,Y (to show a tooltip)");
+  std::string press;
+  app.add_option("--press", press, "screenshot mode: press a key in the first frame: space, or 1-6 (a panel)");
   app.add_option("--logits", logits, "the numerics panel's logits, e.g. 128.5,1,0");
   app.add_option("--numerics-dtype", dtype, "the numerics panel's format (default bf16)");
   app.add_option("--text", o.text, "the text of the routing (own text) and bit-flip panels");
@@ -98,6 +100,11 @@ ViewerOptions parse_viewer_options(const std::vector<std::string>& args) {
     require(xy.size() == 2 && xy[0] >= 0 && xy[1] >= 0, "--hover", fmt::format("\"{}\"", hover),
             "must be X,Y: two pixel coordinates >= 0");
     o.hover = std::pair<int, int>(static_cast<int>(xy[0]), static_cast<int>(xy[1]));
+  }
+  if (!press.empty()) {
+    require(press == "space" || (press.size() == 1 && press[0] >= '1' && press[0] < '1' + static_cast<int>(std::size(kPanelNames))),
+            "--press", fmt::format("\"{}\"", press), "must be space or a panel's number, 1 to 6");
+    o.press = press == "space" ? ' ' : press[0];  // the GLFW key codes of space and the digits are their ASCII codes
   }
   o.numerics_dtype = parse_format(dtype, "--numerics-dtype");
   panel_index(o.panel);

@@ -36,6 +36,7 @@ struct ViewerOptions {
   int width = 1280, height = 800;
   std::filesystem::path state_json;              // what the frames did, for tests
   std::optional<std::pair<int, int>> hover;      // screenshot mode: the mouse there (else outside the window)
+  std::optional<int> press;                      // screenshot mode: this key (GLFW code: ' ', '1'..'6') in the first frame
   std::vector<float> logits{128.5f, 1.0f, 0.0f}; // the numerics panel's starting logits
   Format numerics_dtype = Format::bf16;
   std::string text = "int main(void) { return 0; } // Привет, 世界";  // the routing and bit-flip panels' text

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <iterator>
+#include <string>
 
 #include "viewer/ui.h"
 
@@ -119,6 +121,24 @@ void ShowTrainingPanel(UiState& ui, const Snapshot& snap) {
 }
 
 void ShowStatusBar(UiState& ui, const Snapshot& snap) {
+  // Keys for the lecture hall (not while typing in a text field): Space starts or pauses training,
+  // 1-6 choose a panel. Digits are the GLFW backend's key codes, which are their ASCII codes.
+  if (!ImGui::GetIO().WantTextInput) {
+    if (ImGui::IsKeyPressed(ImGui::GetKeyIndex(ImGuiKey_Space), false)) {
+      if (snap.running) {
+        ui.session->pause();
+      } else {
+        ui.session->start();
+      }
+      ui.keys_handled.emplace_back(snap.running ? "pause" : "start");
+    }
+    for (int i = 0; i < static_cast<int>(std::size(kPanelNames)); ++i)
+      if (ImGui::IsKeyPressed('1' + i, false)) {
+        ui.panel = i;
+        ui.select_panel = true;
+        ui.keys_handled.push_back("panel " + std::string(kPanelNames[i]));
+      }
+  }
   if (snap.running) {
     if (ImGui::Button("Pause", ImVec2(80, 0))) ui.session->pause();
   } else {
@@ -130,7 +150,7 @@ void ShowStatusBar(UiState& ui, const Snapshot& snap) {
               snap.recent_tokens_per_second, std::string(balance_mode_name(snap.config.balance)).c_str(), ui.fps);
   HelpMarker("moelab-viewer trains a tiny Mixture-of-Experts language model live (or continues a checkpoint). Each tab "
              "shows one idea; every (?) explains what you see. Training runs on its own thread: the window never "
-             "waits for it.");
+             "waits for it. Keys: Space starts or pauses training, 1-6 choose a panel.");
   ImGui::SameLine();
   ImGui::TextDisabled("| %s", snap.source == "scratch" ? "from scratch" : "checkpoint");
 }

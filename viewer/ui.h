@@ -30,6 +30,7 @@ struct UiState {
   std::shared_ptr<const Corpus> corpus;
   int panel = 0;                 // index into kPanelNames
   bool select_panel = true;      // select `panel`'s tab on the next frame
+  std::vector<std::string> keys_handled;  // what the keyboard shortcuts did ("start", "pause", "panel sdc"), for --state-json
   std::int64_t frame = 0;
   double seconds = 0;            // animation clock: real time, or frame / 60 in screenshot mode
   float phase = 0;               // of the routing flows' animation, in [0, 1)

@@ -201,6 +201,25 @@ TEST_F(ViewerDisplay, NumericsPanelAgreesWithTheCommandLine) {
   }
 }
 
+// The keyboard shortcuts: a digit chooses its panel, Space starts a paused run.
+TEST_F(ViewerDisplay, KeysChooseAPanelAndStartTraining) {
+  const fs::path png = scratch() / "keys.png", state = scratch() / "keys.json";
+  Result r = run(viewer(fmt::format("--screenshot {} --frames 4 --paused --panel routing --press 6 --state-json {}",
+                                    png.string(), state.string())));
+  ASSERT_EQ(r.code, 0) << r.output;
+  Json j = read_json(state);
+  EXPECT_EQ(j["panel"], "routing");
+  EXPECT_EQ(j["panel_shown"], "sdc");
+  EXPECT_EQ(j["keys_handled"], Json::array({"panel sdc"}));
+
+  r = run(viewer(fmt::format("--screenshot {} --frames 4 --paused --panel training --press space --state-json {}",
+                             png.string(), state.string())));
+  ASSERT_EQ(r.code, 0) << r.output;
+  j = read_json(state);
+  EXPECT_EQ(j["panel_shown"], "training");
+  EXPECT_EQ(j["keys_handled"], Json::array({"start"}));
+}
+
 // Bad input: code 2 and a message naming the flag, before any window (no display needed).
 TEST(ViewerCommandLine, BadInputExitsWithTwoAndNamesTheField) {
   const std::string bin = MOELAB_VIEWER_BIN;
@@ -208,7 +227,7 @@ TEST(ViewerCommandLine, BadInputExitsWithTwoAndNamesTheField) {
     std::string args, expected;
   };
   for (const Case& c : {Case{"--screenshot x.png --frames 0", "--frames = 0"}, Case{"--panel nowhere", "--panel"},
-                        Case{"--size 5x5", "--size"}, Case{"--balance fair", "balance"},
+                        Case{"--size 5x5", "--size"}, Case{"--press 7", "--press = \"7\": must be space or a panel's number"}, Case{"--balance fair", "balance"},
                         Case{"--checkpoint /nonexistent/run", "/nonexistent/run"}, Case{"--bogus", "bogus"}}) {
     const Result r = run(fmt::format("env -u DISPLAY -u WAYLAND_DISPLAY {} {}", bin, c.args));
     EXPECT_EQ(r.code, 2) << c.args << ": " << r.output;
