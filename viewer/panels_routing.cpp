@@ -270,6 +270,14 @@ void ShowRoutingPanel(UiState& ui, const Snapshot& snap) {
   ImGui::SliderInt("first token shown", &ui.window_start, 0, std::max(0, static_cast<int>(r->batch.seq_len) - ui.window));
   ImGui::SameLine(0, 30);
   ImGui::TextDisabled("top-%d of %lld experts", r->top_k, static_cast<long long>(r->num_experts));
+  const SharedExpertsConfig& shared = snap.model.moe.shared;
+  if (shared.count > 0) {
+    ImGui::SameLine();
+    ImGui::TextDisabled("+ %d shared%s, not drawn", shared.count, shared.gated ? " (gated)" : "");
+    HelpMarker("Shared experts (DeepSeek, Qwen-MoE, Llama 4) take every token, with no router: each token's output is "
+               "its routed experts' gated sum plus the shared experts' output (for Qwen-MoE scaled by a sigmoid gate of "
+               "its own). They carry what every token needs, so the routed experts can specialise.");
+  }
   HelpMarker("Load bars: token-expert pairs each expert received from the whole batch. The white line is the even "
              "share (N k / E); a red line is the capacity, where the layer drops tokens beyond it (switch, gshard, or "
              "--capacity-factor). A dropped pair is drawn red and crossed out: that expert never sees the token, which "
