@@ -22,17 +22,7 @@ case "$build" in /*) ;; *) build="$root/$build" ;; esac
 
 packages=(python3-notebook jupyter-notebook python3-nbclient python3-nbformat python3-ipykernel
           python3-matplotlib python3-numpy)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "moelab labs: installing ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+tools/install_packages.sh "moelab labs" "${packages[@]}"
 
 if ! compgen -G "$build/python/moelab*.so" >/dev/null || [ ! -x "$build/bin/moelab" ]; then
   echo "moelab labs: building the Python module and the command line in $build"

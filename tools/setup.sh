@@ -27,17 +27,7 @@ packages=(cmake ninja-build g++ libeigen3-dev libgtest-dev libgmock-dev libbench
           fortunes fortunes-zh fortunes-de fortunes-ru fortunes-es fortunes-it
           libimgui-dev libglfw3-dev libstb-dev libgl-dev xvfb xauth libgl1-mesa-dri
           fonts-dejavu-core fonts-wqy-microhei)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "moelab setup: installing ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+tools/install_packages.sh "moelab setup" "${packages[@]}"
 
 cmake --preset "$preset" >/dev/null
 cmake --build --preset "$preset"
