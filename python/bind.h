@@ -101,6 +101,20 @@ py::array copy_out(const std::vector<T>& v) {
   return give(std::vector<T>(v));
 }
 
+// route's result (no copy): logits, scores, ids, gates, load, aux_loss, z_loss; moe_layer's holds it too.
+template <typename S>
+py::dict routing_dict(RoutingOutputT<S>&& out) {
+  py::dict d;
+  d["logits"] = give(std::move(out.logits));
+  d["scores"] = give(std::move(out.scores));
+  d["ids"] = give(std::move(out.ids));
+  d["gates"] = give(std::move(out.gates));
+  d["load"] = give(std::move(out.load));
+  d["aux_loss"] = static_cast<double>(out.aux_loss);
+  d["z_loss"] = static_cast<double>(out.z_loss);
+  return d;
+}
+
 // ---- JSON -------------------------------------------------------------------------------------------
 
 // A Python value (dict with str keys, list, tuple, bool, int, float, str, None, numpy scalars and

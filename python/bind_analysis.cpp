@@ -257,13 +257,8 @@ byte_class_mi, vocabulary, saturation (None where the labels were not given) and
         const CorpusSampler sampler(corpus, split == "val" ? Split::val : Split::train, B, T,
                                     CorpusBatchSource::kValidationSeed);
         std::vector<Batch> bs;
-        TokenLabels labels;
-        labels.domain_names = sampler.domain_names();
-        for (Index i = 0; i < n; ++i) {
-          bs.push_back(sampler.batch(i));
-          labels.bytes.insert(labels.bytes.end(), bs.back().inputs.begin(), bs.back().inputs.end());
-          labels.domains.insert(labels.domains.end(), bs.back().domains.begin(), bs.back().domains.end());
-        }
+        for (Index i = 0; i < n; ++i) bs.push_back(sampler.batch(i));
+        const TokenLabels labels = batch_labels(bs, sampler.domain_names());
         std::vector<LayerReport> reports;
         {
           py::gil_scoped_release release;

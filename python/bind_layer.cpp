@@ -241,14 +241,7 @@ template <typename S>
 py::dict layer_output_dict(LayerOutputT<S>&& out) {
   py::dict d;
   d["y"] = give(std::move(out.y));
-  RoutingOutputT<S>& r = out.routing;
-  d["logits"] = give(std::move(r.logits));
-  d["scores"] = give(std::move(r.scores));
-  d["ids"] = give(std::move(r.ids));
-  d["gates"] = give(std::move(r.gates));
-  d["load"] = give(std::move(r.load));
-  d["aux_loss"] = static_cast<double>(out.aux_loss);
-  d["z_loss"] = static_cast<double>(out.z_loss);
+  for (const auto& [key, value] : routing_dict(std::move(out.routing))) d[key] = value;  // aux_loss, z_loss too
   d["keep"] = give(std::move(out.keep));
   d["dropped"] = give(std::move(out.dropped));
   d["counts"] = give(std::move(out.plan.counts));

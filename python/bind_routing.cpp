@@ -79,19 +79,6 @@ void run_route(Routed<S>& r, py::handle x, py::handle weight, py::handle config,
 }
 
 template <typename S>
-py::dict routing_dict(RoutingOutputT<S>&& out) {
-  py::dict d;
-  d["logits"] = give(std::move(out.logits));
-  d["scores"] = give(std::move(out.scores));
-  d["ids"] = give(std::move(out.ids));
-  d["gates"] = give(std::move(out.gates));
-  d["load"] = give(std::move(out.load));
-  d["aux_loss"] = static_cast<double>(out.aux_loss);
-  d["z_loss"] = static_cast<double>(out.z_loss);
-  return d;
-}
-
-template <typename S>
 void put_router_grads(py::dict& d, RouterParamsT<S>& g, const std::string& prefix) {
   d[py::str(prefix + "weight")] = give(std::move(g.weight));
   if (g.bias.size() > 0) d[py::str(prefix + "bias")] = give(std::move(g.bias));

@@ -1303,6 +1303,16 @@ EvalMetrics run_training(Trainer& trainer, const fs::path& run_dir, const RunCal
   return *last;
 }
 
+TokenLabels batch_labels(std::span<const Batch> batches, std::vector<std::string> domain_names) {
+  TokenLabels labels;
+  labels.domain_names = std::move(domain_names);
+  for (const Batch& b : batches) {
+    labels.bytes.insert(labels.bytes.end(), b.inputs.begin(), b.inputs.end());
+    labels.domains.insert(labels.domains.end(), b.domains.begin(), b.domains.end());
+  }
+  return labels;
+}
+
 std::vector<RoutingSample> route_batches(const ModelConfig& config, const ModelParams& params,
                                          std::span<const Batch> batches, std::span<const int> blocks) {
   if (batches.empty()) return std::vector<RoutingSample>(blocks.size());

@@ -327,6 +327,8 @@ CheckpointModel load_checkpoint_model(const std::filesystem::path& dir);
 // What `moelab analyze` and the Python module's analysis are computed from.
 std::vector<RoutingSample> route_batches(const ModelConfig& config, const ModelParams& params,
                                          std::span<const Batch> batches, std::span<const int> blocks);
+// The byte and the domain of every token of `batches`, in route_batches' row order.
+TokenLabels batch_labels(std::span<const Batch> batches, std::vector<std::string> domain_names);
 
 // ---- Metrics ----------------------------------------------------------------------------------------
 

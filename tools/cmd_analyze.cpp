@@ -120,13 +120,8 @@ void run_analyze(const AnalyzeOptions& o) {
   const CorpusSampler sampler(loaded.corpus, split, model.config.batch_size, model.config.seq_len,
                               CorpusBatchSource::kValidationSeed);
   std::vector<Batch> batches;
-  TokenLabels labels;
-  labels.domain_names = sampler.domain_names();
-  for (Index i = 0; i < n_batches; ++i) {
-    batches.push_back(sampler.batch(i));
-    labels.bytes.insert(labels.bytes.end(), batches.back().inputs.begin(), batches.back().inputs.end());
-    labels.domains.insert(labels.domains.end(), batches.back().domains.begin(), batches.back().domains.end());
-  }
+  for (Index i = 0; i < n_batches; ++i) batches.push_back(sampler.batch(i));
+  const TokenLabels labels = batch_labels(batches, sampler.domain_names());
 
   const std::vector<RoutingSample> samples = route_batches(model.eval_model, model.params, batches, blocks);
   std::vector<RoutingSample> reference;
