@@ -700,12 +700,6 @@ TEST(TrainData, UnigramBaselineAndBatchChecks) {
   EXPECT_EQ(trainer.steps_done(), 0);
 }
 
-}  // namespace
-}  // namespace moelab
-
-namespace moelab {
-namespace {
-
 // Trainer::set_balance / set_z_loss_coef (the viewer's live controls): a change before step s trains
 // steps s.. exactly as a trainer configured that way would; a checkpoint records the new configuration
 // and resumes bit-identically; an invalid change is an Error that changes nothing.
